@@ -1,0 +1,3 @@
+from wprctl.cli import main
+
+main()

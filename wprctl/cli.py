@@ -1,0 +1,73 @@
+"""The `wprctl` command line. Commands live in `wprctl.commands.*`; this file only assembles them
+and turns wprctl's errors into messages and exit statuses (2 bad input, 1 run failure)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from wprctl import __version__
+from wprctl.commands import COMMAND_MODULES
+from wprctl.errors import WprctlError
+
+app = typer.Typer(
+    name="wprctl",
+    help=(
+        "RLHF with Wasserstein Policy Regularization: SFT, reward model, PPO with pluggable "
+        "regularizers (WPR, KL, f-divergences), DAR, inference, APPS execution and judging, "
+        "all driven by one project manifest (wprctl.toml)."
+    ),
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"wprctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """wprctl: the WPR paper's RLHF pipeline in one tool."""
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"wprctl.commands.{_name}").register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app; a WprctlError becomes a one-paragraph message and its exit code."""
+    from wprctl.console import err_console
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except WprctlError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors carry their own exit code (2)
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

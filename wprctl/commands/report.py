@@ -1,0 +1,7 @@
+"""Placeholder: replaced when this command is built."""
+
+from wprctl.commands._stub import stub_module
+
+register = stub_module(
+    ('report', 'Tables and PNG plots of every finished stage.'),
+)

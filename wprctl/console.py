@@ -1,0 +1,101 @@
+"""One rich console for the whole tool, progress bars with ETA, and warning hygiene."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+T = TypeVar("T")
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def make_progress(transient: bool = False) -> Progress:
+    """A progress bar with ETA; silent on non-zero ranks so N processes do not draw N bars."""
+    return Progress(
+        TextColumn("[bold blue]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+        disable=not is_main_process(),
+    )
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    with make_progress() as progress:
+        task = progress.add_task(description, total=total, info="")
+        for item in items:
+            yield item
+            progress.advance(task)
+
+
+_QUIET_DONE = False
+
+
+def quiet_library_warnings() -> None:
+    """Silence library chatter a user cannot act on; keep everything else visible.
+
+    Each filter names one message we have seen and judged harmless on every code path of wprctl.
+    """
+    global _QUIET_DONE
+    if _QUIET_DONE:
+        return
+    _QUIET_DONE = True
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "") or _default_ds_accelerator())
+    if not os.environ["DS_ACCELERATOR"]:
+        del os.environ["DS_ACCELERATOR"]
+    for pattern in (
+        r".*torch.utils._pytree._register_pytree_node.*",
+        r".*TypedStorage is deprecated.*",
+        r".*`torch_dtype` is deprecated.*",
+        r".*The attention mask and the pad token id were not set.*",
+        r".*Setting `pad_token_id` to `eos_token_id`.*",
+        r".*torch.cpu.amp.autocast.*",
+        r".*is_torch_tpu_available.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed.elastic", "datasets", "evaluate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass
+
+
+def _default_ds_accelerator() -> str:
+    # DeepSpeed guesses the accelerator and logs a warning on every import when there is no GPU;
+    # deciding here keeps the console clean and makes the CPU choice explicit.
+    try:
+        import torch
+
+        return "" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover
+        return ""
