@@ -47,12 +47,16 @@ for _name in COMMAND_MODULES:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; a WprctlError becomes a one-paragraph message and its exit code."""
+    from rich.markup import escape
+
+    from wprctl import launch
     from wprctl.console import err_console
 
+    launch.CURRENT_ARGV = list(argv) if argv is not None else sys.argv[1:]
     try:
         app(args=argv, standalone_mode=False)
     except WprctlError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -67,7 +67,9 @@ def quiet_library_warnings() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "") or _default_ds_accelerator())
+    os.environ.setdefault(
+        "DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "") or _default_ds_accelerator()
+    )
     if not os.environ["DS_ACCELERATOR"]:
         del os.environ["DS_ACCELERATOR"]
     for pattern in (

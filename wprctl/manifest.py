@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import difflib
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from wprctl.errors import UserError
@@ -245,7 +245,9 @@ class DARConfig(Section):
 
 
 class InferConfig(Section):
-    model: str | None = Field(None, description="stage name or path (default: the last of ppo/dar/sft)")
+    model: str | None = Field(
+        None, description="stage name or path (default: the last of ppo/dar/sft)"
+    )
     reward_model: str | None = Field(None, description="stage name or path (default: rm)")
     split: str = "eval"
     num_samples: int = Field(2000, ge=1)
@@ -270,6 +272,8 @@ class JudgeConfig(Section):
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
     max_retries: int = Field(6, ge=0)
+    backoff_base: float = Field(1.0, gt=0, description="seconds; doubles per retry, with jitter")
+    backoff_max: float = Field(60.0, gt=0, description="longest wait between retries, seconds")
     timeout: float = Field(60.0, gt=0)
     max_cost: float | None = Field(None, gt=0)
     temperature: float = Field(0.0, ge=0)
@@ -389,10 +393,12 @@ def load_manifest(path: str | Path | None = None, overrides: list[str] | None = 
         raise UserError(f"{p}: not valid TOML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{p}: cannot read the manifest: {exc}") from None
+    overridden = set()
     for item in overrides or []:
         key, value = parse_override(item)
         _assign(raw, key, value, origin="--set")
-    return _validate(raw, p.resolve())
+        overridden.add(key)
+    return _validate(raw, p.resolve(), overridden=overridden)
 
 
 def manifest_from_dict(raw: dict[str, Any], source: Path | None = None) -> Manifest:
@@ -432,20 +438,29 @@ def _assign(raw: dict[str, Any], key: str, value: Any, origin: str) -> None:
             raise UserError(f"{origin} {key}: {'.'.join(parts[: i + 1])} is not a table")
         node = child
         annotation = fields[part].annotation if schema is not None else None
-        schema = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        schema = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
 
 
-def _validate(raw: dict[str, Any], source: Path | None, origin: str | None = None) -> Manifest:
+def _validate(
+    raw: dict[str, Any],
+    source: Path | None,
+    origin: str | None = None,
+    overridden: set[str] | None = None,
+) -> Manifest:
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(_format_errors(exc, raw, source, origin)) from None
+        raise UserError(_format_errors(exc, source, origin, overridden or set())) from None
     manifest.source = source
     return manifest
 
 
 def _format_errors(
-    exc: ValidationError, raw: dict[str, Any], source: Path | None, origin: str | None
+    exc: ValidationError, source: Path | None, origin: str | None, overridden: set[str]
 ) -> str:
     where = str(source) if source is not None else "manifest"
     if origin:
@@ -454,8 +469,11 @@ def _format_errors(
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
         key = ".".join(loc) or "(top level)"
-        line = _line_of(source, loc) if source is not None else None
-        at = f" (line {line})" if line else ""
+        if key in overridden:
+            at = " (from --set)"
+        else:
+            line = _line_of(source, loc) if source is not None else None
+            at = f" (line {line})" if line else ""
         if err["type"] == "extra_forbidden":
             parent = _schema_at(loc[:-1])
             allowed = list(parent.model_fields) if parent is not None else []

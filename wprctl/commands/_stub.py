@@ -16,9 +16,9 @@ def not_yet(app: typer.Typer, name: str, help_text: str) -> None:
         raise NotYetImplemented(f"`wprctl {name}` is not implemented yet.")
 
     command.__doc__ = help_text + "\n\n(Not implemented yet: exits with status 1.)"
-    app.command(
-        name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
-    )(command)
+    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+        command
+    )
 
 
 def stub_module(*commands: tuple[str, str]) -> Callable[[typer.Typer], None]:

@@ -3,5 +3,5 @@
 from wprctl.commands._stub import stub_module
 
 register = stub_module(
-    ('infer', 'Batch generation with reward scores.'),
+    ("infer", "Batch generation with reward scores."),
 )

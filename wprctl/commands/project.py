@@ -1,10 +1,82 @@
-"""Placeholder: replaced when this command is built."""
+"""`wprctl init`, `status`, `run` and `quickstart`: the project as a whole."""
 
-from wprctl.commands._stub import stub_module
+from __future__ import annotations
 
-register = stub_module(
-    ('init', 'Write DIR/wprctl.toml from a template (demo, tldr, hh-rlhf, apps).'),
-    ('status', 'Show which stages are done and where their outputs are.'),
-    ('run', "Run the manifest's stages in order."),
-    ('quickstart', 'The embedded demo: init demo + run + report.'),
-)
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from wprctl.commands._stub import not_yet
+from wprctl.commands.options import DEFAULT_MANIFEST, ForceOpt, JsonOpt, ManifestOpt, SetOpt
+
+
+def init(
+    directory: Annotated[Path, typer.Argument(help="Project folder (created if missing).")] = Path(
+        "."
+    ),
+    template: Annotated[
+        str, typer.Option("--template", "-t", help="demo | tldr | hh-rlhf | apps")
+    ] = "demo",
+    force: ForceOpt = False,
+) -> None:
+    """Write DIR/wprctl.toml from a template: demo (tiny model, CPU, minutes), tldr, hh-rlhf or apps
+    (the paper's settings; point data.path at a hub id or a local copy)."""
+    from wprctl.console import console
+    from wprctl.project import init_project
+
+    target = init_project(directory, template, force)
+    console.print(f"wrote {target} (template {template}). Next: `wprctl status -m {target}`")
+
+
+def status(
+    manifest: ManifestOpt = DEFAULT_MANIFEST,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show which stages are done, where their outputs are and their key metrics."""
+    from rich.table import Table
+
+    from wprctl.console import console
+    from wprctl.manifest import load_manifest
+    from wprctl.project import stage_status
+
+    m = load_manifest(manifest, set_)
+    rows = stage_status(m)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {"project": m.project.name, "output_dir": str(m.output_dir), "stages": rows},
+                indent=2,
+            )
+        )
+        return
+    table = Table(title=f"{m.project.name}  ({m.output_dir})")
+    for col in ("stage", "kind", "status", "time", "key metrics", "output"):
+        table.add_column(col, overflow="fold")
+    colors = {"finished": "green", "running": "yellow", "failed": "red"}
+    for r in rows:
+        metrics = ", ".join(
+            f"{k.split('/')[-1]} {v:.3g}" for k, v in list(r["metrics"].items())[:4]
+        )
+        out = r["outputs"].get("model") or next(iter(r["outputs"].values()), "") or r["path"]
+        st = r["status"] + (
+            " (checkpoint)" if r["checkpoint"] and r["status"] != "finished" else ""
+        )
+        table.add_row(
+            r["name"],
+            r["stage"],
+            f"[{colors.get(r['status'], 'dim')}]{st}[/]",
+            f"{r['seconds']:.0f}s" if r["seconds"] else "",
+            metrics,
+            out,
+        )
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("init")(init)
+    app.command("status")(status)
+    not_yet(app, "run", "Run the manifest's stages in order.")
+    not_yet(app, "quickstart", "The embedded demo: init demo + run + report.")

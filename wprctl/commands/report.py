@@ -3,5 +3,5 @@
 from wprctl.commands._stub import stub_module
 
 register = stub_module(
-    ('report', 'Tables and PNG plots of every finished stage.'),
+    ("report", "Tables and PNG plots of every finished stage."),
 )

@@ -1,0 +1,72 @@
+"""Project-level operations: writing a manifest from a template, and the status of every stage."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import wprctl
+from wprctl.errors import UserError
+from wprctl.manifest import Manifest, load_manifest
+from wprctl.runs import read_lineage, run_dir
+
+TEMPLATES = ("demo", "tldr", "hh-rlhf", "apps")
+
+
+def repo_root() -> Path:
+    return Path(wprctl.__file__).resolve().parents[1]
+
+
+def pipelines_dir() -> Path:
+    path = repo_root() / "pipelines"
+    if not path.is_dir():
+        raise UserError(
+            f"{path}: the ready manifests are missing; install wprctl from its source tree "
+            "(`pip install -e .`) so `pipelines/` and `templates/` are available"
+        )
+    return path
+
+
+def init_project(directory: Path, template: str, force: bool) -> Path:
+    if template not in TEMPLATES:
+        raise UserError(f"--template {template!r}: allowed: {', '.join(TEMPLATES)}")
+    source = pipelines_dir() / f"{template}.toml"
+    target = directory / "wprctl.toml"
+    if target.exists() and not force:
+        raise UserError(f"{target} already exists; use --force to overwrite it")
+    directory.mkdir(parents=True, exist_ok=True)
+    text = source.read_text(encoding="utf-8")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", directory.resolve().name) or "wprctl-project"
+    text = re.sub(r'(?m)^name = ".*"$', f'name = "{name}"', text, count=1)
+    target.write_text(text, encoding="utf-8")
+    load_manifest(target)  # a template that does not validate is our bug; fail loudly here
+    return target
+
+
+def stage_status(manifest: Manifest) -> list[dict[str, Any]]:
+    """One row per stage or variant named in `stages` (and any other run found on disk)."""
+    lineage = read_lineage(manifest)
+    names = list(dict.fromkeys([*manifest.stages, *lineage]))
+    rows = []
+    for name in names:
+        variant = manifest.variant(name)
+        kind = variant.stage if variant else name
+        run = run_dir(manifest, name, kind)
+        state = run.state()
+        status = state.get("status", "not started" if not run.root.exists() else "empty")
+        started, finished = state.get("started"), state.get("finished")
+        rows.append(
+            {
+                "name": name,
+                "stage": kind,
+                "status": status,
+                "outputs": state.get("outputs", {}),
+                "metrics": state.get("metrics", {}),
+                "seconds": (finished - started) if started and finished else None,
+                "checkpoint": run.has_checkpoint(),
+                "path": str(run.root),
+                "error": state.get("error"),
+            }
+        )
+    return rows

@@ -1,0 +1,259 @@
+"""Run directories, lineage and metric logging.
+
+Every stage run lives in `<output_dir>/<name>/` (name = the stage, or a variant's name):
+
+    config.json      the resolved manifest and the run's own settings
+    state.json       status (running | finished | failed), times, outputs, final metrics
+    metrics.jsonl    one JSON object per logged step: {"step": ..., "<name>": float, ...}
+    tb/              TensorBoard events
+    checkpoints/     DeepSpeed checkpoints (resumable), the last K kept
+    model/           the final Hugging Face folder (save_pretrained, safetensors)
+
+`<output_dir>/lineage.json` records which run produced what, so a later stage defaults to the
+outputs of earlier ones (PPO's actor = the SFT model, its critic and reward = the RM model).
+Only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wprctl.console import is_main_process
+from wprctl.errors import UserError
+from wprctl.manifest import Manifest, dump_resolved
+
+LINEAGE_FILE = "lineage.json"
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(
+            f"{path}: unreadable ({exc}); delete it or restore it from a backup"
+        ) from None
+
+
+@dataclass
+class RunDir:
+    """One stage run's folder and its bookkeeping."""
+
+    root: Path
+    name: str
+    kind: str
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def tb_dir(self) -> Path:
+        return self.root / "tb"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    def state(self) -> dict[str, Any]:
+        return _read_json(self.state_file) or {}
+
+    @property
+    def status(self) -> str:
+        return self.state().get("status", "absent" if not self.root.exists() else "empty")
+
+    def has_checkpoint(self) -> bool:
+        return (self.checkpoint_dir / "latest").exists()
+
+    def update_state(self, **fields: Any) -> None:
+        if not is_main_process():
+            return
+        state = self.state()
+        state.update(fields)
+        _write_json_atomic(self.state_file, state)
+
+
+def run_dir(manifest: Manifest, name: str, kind: str | None = None) -> RunDir:
+    return RunDir(manifest.output_dir / name, name, kind or name)
+
+
+def prepare_run(
+    manifest: Manifest,
+    name: str,
+    kind: str,
+    *,
+    resume: bool,
+    force: bool,
+    extra_config: dict[str, Any] | None = None,
+) -> tuple[RunDir, bool]:
+    """Create or reopen a run folder. Returns (run, resuming).
+
+    A finished run is never silently overwritten: it needs --force (start over) or --resume
+    (nothing to do). A started run needs --resume (continue) or --force (start over).
+    """
+    run = run_dir(manifest, name, kind)
+    status = run.status
+    if force and resume:
+        raise UserError("--force and --resume contradict each other; pick one")
+    if status == "finished" and not force:
+        if resume:
+            return run, True
+        raise UserError(
+            f"{run.root}: stage {name!r} has already finished. Use --force to start over "
+            "(this deletes its outputs) or --resume to keep them."
+        )
+    if status in ("running", "failed", "empty") and not (force or resume):
+        raise UserError(
+            f"{run.root}: stage {name!r} has a partial run ({status}). Use --resume to continue "
+            "from its last checkpoint or --force to start over."
+        )
+    resuming = resume and run.root.exists() and status != "absent"
+    if is_main_process():
+        if force and run.root.exists():
+            shutil.rmtree(run.root)
+        run.root.mkdir(parents=True, exist_ok=True)
+        config = {"stage": kind, "name": name, "manifest": dump_resolved(manifest)}
+        if extra_config:
+            config.update(extra_config)
+        _write_json_atomic(run.config_file, config)
+        run.update_state(
+            status="running",
+            kind=kind,
+            started=run.state().get("started", time.time()) if resuming else time.time(),
+            pid=os.getpid(),
+        )
+    return run, resuming
+
+
+def finish_run(
+    manifest: Manifest, run: RunDir, outputs: dict[str, str], metrics: dict[str, float]
+) -> None:
+    """Mark a run finished and record its outputs in the project's lineage."""
+    if not is_main_process():
+        return
+    clean = {k: v for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+    run.update_state(status="finished", finished=time.time(), outputs=outputs, metrics=clean)
+    lineage = read_lineage(manifest)
+    lineage[run.name] = {
+        "kind": run.kind,
+        "outputs": outputs,
+        "metrics": clean,
+        "finished": time.time(),
+    }
+    _write_json_atomic(manifest.output_dir / LINEAGE_FILE, lineage)
+
+
+def fail_run(run: RunDir, message: str) -> None:
+    if run.root.exists():
+        run.update_state(status="failed", error=message, failed=time.time())
+
+
+def read_lineage(manifest: Manifest) -> dict[str, Any]:
+    return _read_json(manifest.output_dir / LINEAGE_FILE) or {}
+
+
+def resolve_model_ref(manifest: Manifest, ref: str, *, what: str = "model") -> Path:
+    """A stage or variant name (its finished output) or a path to a Hugging Face folder."""
+    lineage = read_lineage(manifest)
+    if ref in lineage:
+        model = lineage[ref].get("outputs", {}).get("model")
+        if model:
+            return Path(model)
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path
+    known = manifest.variant(ref) is not None or ref in ("sft", "rm", "ppo", "dar")
+    if known:
+        state = run_dir(manifest, ref).status
+        raise UserError(
+            f"{what}: stage {ref!r} has no finished output under {manifest.output_dir} "
+            f"(its status is {state}). Run `wprctl {manifest.variant(ref).stage if manifest.variant(ref) else ref}` first "
+            f"or point to a model folder."
+        )
+    raise UserError(f"{what}: {ref!r} is neither a finished stage of this project nor a path")
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard."""
+
+    def __init__(self, run: RunDir, *, resume_from_step: int | None = None) -> None:
+        self.enabled = is_main_process()
+        self.path = run.metrics_file
+        self._tb = None
+        if not self.enabled:
+            return
+        if resume_from_step is not None and self.path.exists():
+            # Steps logged after the checkpoint we resume from will be logged again; drop them so
+            # the file reads as one uninterrupted run.
+            kept = [
+                line
+                for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_from_step
+            ]
+            self.path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+        elif resume_from_step is None and self.path.exists():
+            self.path.unlink()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run.tb_dir))
+        except ImportError:  # pragma: no cover - tensorboard is a dependency
+            self._tb = None
+
+    def log(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        row: dict[str, Any] = {"step": int(step)}
+        for key, value in metrics.items():
+            name = f"{prefix}{key}"
+            row[name] = float(value)
+            if self._tb is not None:
+                self._tb.add_scalar(name, float(value), int(step))
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill; the rest of the file is still good
+    return rows

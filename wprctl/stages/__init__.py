@@ -1,0 +1,123 @@
+"""Stages: thin recipes that read the manifest, call library code and write artifacts.
+
+Each stage module exposes `run(manifest, run, resuming) -> dict[str, float]` (its final metrics)
+and `OUTPUT_KEYS`. `execute_stage` does what every stage shares: variants, the multi-process
+re-launch, the run folder's life cycle (prepare, fail, finish) and error reporting.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from wprctl.errors import RunError, UserError, WprctlError
+from wprctl.manifest import Manifest, load_manifest
+from wprctl.runs import RunDir, fail_run, prepare_run, run_dir
+
+STAGE_MODULES = {
+    "sft": "wprctl.stages.sft",
+    "rm": "wprctl.stages.rm",
+    "ppo": "wprctl.stages.ppo",
+    "dar": "wprctl.stages.dar",
+}
+PREPARED_ENV = "WPRCTL_PREPARED"
+RESUMING_ENV = "WPRCTL_RESUMING"
+
+
+def resolve_variant(manifest: Manifest, kind: str, variant: str | None) -> tuple[Manifest, str]:
+    if variant is None:
+        return manifest, kind
+    v = manifest.variant(variant)
+    if v is None:
+        names = [x.name for x in manifest.variants if x.stage == kind]
+        raise UserError(
+            f"{manifest.source}: no variant {variant!r} in [[variants]]"
+            + (f"; {kind} variants: {', '.join(names)}" if names else "")
+        )
+    if v.stage != kind:
+        raise UserError(
+            f"variant {variant!r} is a {v.stage} variant, not {kind}; run `wprctl {v.stage} --variant {variant}`"
+        )
+    return manifest.for_variant(variant), variant
+
+
+def execute_stage(
+    kind: str,
+    manifest_path: Path,
+    overrides: list[str] | None,
+    *,
+    variant: str | None = None,
+    resume: bool = False,
+    force: bool = False,
+    num_processes: int | None = None,
+    argv: list[str] | None = None,
+) -> dict[str, float] | None:
+    from wprctl.launch import relaunch, under_launcher
+
+    manifest, name = resolve_variant(load_manifest(manifest_path, overrides), kind, variant)
+    nproc = num_processes or manifest.deepspeed.num_processes
+    if nproc > 1 and not under_launcher():
+        run, resuming = prepare_run(manifest, name, kind, resume=resume, force=force)
+        if resuming and run.status == "finished":
+            return _already_finished(run)
+        os.environ[PREPARED_ENV] = "1"
+        os.environ[RESUMING_ENV] = "1" if resuming else "0"
+        code = relaunch(
+            nproc,
+            argv if argv is not None else sys.argv[1:],
+            hostfile=manifest.deepspeed.hostfile,
+            master_port=manifest.deepspeed.master_port,
+        )
+        if code != 0:
+            fail_run(run, f"a rank exited with status {code}")
+            raise RunError(
+                f"{name}: a process exited with status {code}; partial output is in {run.root} "
+                f"(`wprctl {kind} --resume` continues from the last checkpoint)"
+            )
+        return run.state().get("metrics", {})
+
+    module = importlib.import_module(STAGE_MODULES[kind])
+    if os.environ.get(PREPARED_ENV) == "1":
+        run = run_dir(manifest, name, kind)
+        resuming = os.environ.get(RESUMING_ENV) == "1"
+    else:
+        if under_launcher():
+            from wprctl.engine import barrier, init_distributed, rank
+
+            init_distributed()
+            if rank() == 0:
+                run, resuming = prepare_run(manifest, name, kind, resume=resume, force=force)
+            barrier()
+            run = run_dir(manifest, name, kind)
+            resuming = resume and run.has_checkpoint()
+        else:
+            run, resuming = prepare_run(manifest, name, kind, resume=resume, force=force)
+        if resuming and run.status == "finished":
+            return _already_finished(run)
+    try:
+        return module.run(manifest, run, resuming)
+    except WprctlError as exc:
+        fail_run(run, str(exc))
+        raise
+    except KeyboardInterrupt:
+        fail_run(run, "interrupted")
+        raise
+    except Exception as exc:
+        log = run.root / "error.log"
+        if run.root.exists():
+            log.write_text(traceback.format_exc(), encoding="utf-8")
+        fail_run(run, f"{type(exc).__name__}: {exc}")
+        raise RunError(
+            f"{name} failed: {type(exc).__name__}: {exc}\n  traceback: {log}\n  partial output: "
+            f"{run.root} (`wprctl {kind} --resume` continues from the last checkpoint)"
+        ) from exc
+
+
+def _already_finished(run: RunDir) -> dict[str, float]:
+    from wprctl.console import console
+
+    console.print(f"{run.name}: already finished ({run.root}); nothing to resume")
+    return run.state().get("metrics", {})
