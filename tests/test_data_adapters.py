@@ -35,7 +35,9 @@ def parse_file(dataset: str, path: Path, **kw) -> tuple[list[Example], dict[str,
 
 def raw_lines(path: Path) -> list[dict]:
     # split on "\n" only: real posts contain U+2028, which str.splitlines() would split on
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +123,10 @@ def test_hh_fixture() -> None:
         "\n\nHuman: How do I boil an egg?\n\nAssistant:",
         "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant:",
     ]
-    assert (exs[0].chosen, exs[0].rejected) == (" Put it in boiling water for 9 minutes.", " Eggs are oval.")
+    assert (exs[0].chosen, exs[0].rejected) == (
+        " Put it in boiling water for 9 minutes.",
+        " Eggs are oval.",
+    )
     assert (exs[2].chosen, exs[2].rejected) == (" Blue.", None)  # response stands in for chosen
     assert [e.id for e in exs] == ["hh-0", "hh-1", "hh-2"]
     assert skipped == {
@@ -135,7 +140,10 @@ def test_hh_fixture() -> None:
 def test_hh_anthropic_schema_is_split_at_last_assistant_turn() -> None:
     exs, skipped = parse_file("hh-rlhf", FIX / "anthropic_hh_rlhf.jsonl")
     assert len(exs) == 1
-    assert exs[0].prompt == "\n\nHuman: Best pet?\n\nAssistant: Depends.\n\nHuman: For a flat?\n\nAssistant:"
+    assert (
+        exs[0].prompt
+        == "\n\nHuman: Best pet?\n\nAssistant: Depends.\n\nHuman: For a flat?\n\nAssistant:"
+    )
     assert (exs[0].chosen, exs[0].rejected) == (" A cat.", " A horse.")
     assert skipped == {"chosen and rejected contexts differ": 1}
 
@@ -185,7 +193,9 @@ def test_apps_fixture() -> None:
     }
 
 
-@pytest.mark.parametrize("path", [FIX / "real_apps.jsonl", SHARED / "apps.jsonl"], ids=["fixture", "shared"])
+@pytest.mark.parametrize(
+    "path", [FIX / "real_apps.jsonl", SHARED / "apps.jsonl"], ids=["fixture", "shared"]
+)
 def test_apps_real_rows(path: Path) -> None:
     if not path.exists():
         pytest.skip("../shared/data is not present")
@@ -208,7 +218,11 @@ def test_apps_real_rows(path: Path) -> None:
 
 def test_generic_fields_are_configurable() -> None:
     exs, skipped = parse_file(
-        "jsonl", FIX / "generic.jsonl", prompt_field="question", chosen_field="good", rejected_field="bad"
+        "jsonl",
+        FIX / "generic.jsonl",
+        prompt_field="question",
+        chosen_field="good",
+        rejected_field="bad",
     )
     assert [(e.id, e.prompt, e.chosen, e.rejected) for e in exs] == [
         ("g1", "What is 2+2?", "4", "5"),
@@ -216,7 +230,11 @@ def test_generic_fields_are_configurable() -> None:
         ("row2", "Prompt only, for PPO.", None, None),
     ]
     assert exs[0].meta == {"topic": "math"}
-    assert skipped == {"empty field 'good'": 1, "missing field 'question'": 1, "not a JSON object": 1}
+    assert skipped == {
+        "empty field 'good'": 1,
+        "missing field 'question'": 1,
+        "not a JSON object": 1,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,7 +272,10 @@ def test_gzip_jsonl_and_relative_path_from_manifest_root(tmp_path: Path) -> None
     with gzip.open(tmp_path / "apps.jsonl.gz", "wt", encoding="utf-8") as fh:
         fh.write((FIX / "apps.jsonl").read_text(encoding="utf-8"))
     cfg = DataConfig(dataset="apps", path="apps.jsonl.gz")
-    both = load_examples(cfg, "train", root=tmp_path).examples + load_examples(cfg, "eval", root=tmp_path).examples
+    both = (
+        load_examples(cfg, "train", root=tmp_path).examples
+        + load_examples(cfg, "eval", root=tmp_path).examples
+    )
     assert sorted(e.id for e in both) == ["10", "11", "12"]
 
 
@@ -265,7 +286,9 @@ def test_single_file_holds_out_whole_posts_for_eval() -> None:
     assert evl and train
     assert not {e.prompt for e in train} & {e.prompt for e in evl}
     # independent of the seed: the eval set must not move between runs
-    assert [e.id for e in load_examples(cfg, "eval", seed=7, report=False).examples] == [e.id for e in evl]
+    assert [e.id for e in load_examples(cfg, "eval", seed=7, report=False).examples] == [
+        e.id for e in evl
+    ]
 
 
 def test_eval_split_may_name_a_file_and_max_eval_rows_caps_it() -> None:
@@ -287,13 +310,21 @@ def test_missing_path_is_a_user_error(tmp_path: Path) -> None:
 def test_too_many_bad_rows_names_the_file_and_first_bad_line(tmp_path: Path) -> None:
     path = tmp_path / "mostly_bad.jsonl"
     good = [json.dumps(r) for r in _apps_rows()[:2]]
-    path.write_text("\n".join([good[0], '{"problem_id": 1, "question": ""}', "{not json", good[1]]) + "\n")
+    path.write_text(
+        "\n".join([good[0], '{"problem_id": 1, "question": ""}', "{not json", good[1]]) + "\n"
+    )
     with pytest.raises(UserError) as err:
         load_examples(DataConfig(dataset="apps", path=str(path), max_bad_fraction=0.25), "train")
     msg = str(err.value)
-    assert str(path) in msg and "line 2: empty field 'question'" in msg and "2 of 4 rows are bad" in msg
+    assert (
+        str(path) in msg
+        and "line 2: empty field 'question'" in msg
+        and "2 of 4 rows are bad" in msg
+    )
     # within the limit the same file loads, with the bad rows counted per reason
-    ok = load_examples(DataConfig(dataset="apps", path=str(path), max_bad_fraction=0.5), "train", report=False)
+    ok = load_examples(
+        DataConfig(dataset="apps", path=str(path), max_bad_fraction=0.5), "train", report=False
+    )
     assert dict(ok.skipped) == {"empty field 'question'": 1, "invalid JSON": 1}
     assert ok.first_bad == f"{path} line 2: empty field 'question'"
 

@@ -25,7 +25,9 @@ def rows() -> list[dict]:
 def test_same_seed_same_rows_other_seed_other_rows() -> None:
     assert generate_rows(30, seed=5) == generate_rows(30, seed=5)
     other = generate_rows(30, seed=6)
-    assert [r["info"]["post"] for r in other] != [r["info"]["post"] for r in generate_rows(30, seed=5)]
+    assert [r["info"]["post"] for r in other] != [
+        r["info"]["post"] for r in generate_rows(30, seed=5)
+    ]
     # validation is its own stream: no post is shared with train
     train = {r["info"]["post"] for r in generate_rows(300, seed=5)}
     val = {r["info"]["post"] for r in generate_rows(300, seed=5, split="validation")}
@@ -40,9 +42,14 @@ def test_rows_are_tldr_comparisons_with_small_closed_vocabulary(rows: list[dict]
     assert row["choice"] in (0, 1) and isinstance(row["extra"]["confidence"], int)
     post_lens = [len(_words(r["info"]["post"])) for r in rows]
     sum_lens = [len(_words(s["text"])) for r in rows for s in r["summaries"]]
-    assert 25 <= min(post_lens) and max(post_lens) <= 60
+    assert min(post_lens) >= 25 and max(post_lens) <= 60
     assert 4 <= statistics.median(sum_lens) <= 14
-    vocab = {w for r in rows for t in [r["info"]["post"]] + [s["text"] for s in r["summaries"]] for w in _words(t)}
+    vocab = {
+        w
+        for r in rows
+        for t in [r["info"]["post"]] + [s["text"] for s in r["summaries"]]
+        for w in _words(t)
+    }
     assert 150 <= len(vocab) <= 400
 
 
@@ -50,7 +57,9 @@ def test_oracle_rewards_coverage_with_synonyms_and_penalizes_errors() -> None:
     perfect = "my roommate borrowed my car 3 weeks ago and i feel angry"
     assert oracle_score(POST, perfect) == pytest.approx(2.0)
     # synonyms are as good as the post's own words
-    assert oracle_score(POST, "my flatmate took my vehicle three weeks ago, i am furious") == pytest.approx(2.0)
+    assert oracle_score(
+        POST, "my flatmate took my vehicle three weeks ago, i am furious"
+    ) == pytest.approx(2.0)
     assert oracle_score(POST, "") == pytest.approx(-1.0)
     # each dropped fact costs its share; a wrong detail costs more than dropping it
     dropped = oracle_score(POST, "my roommate borrowed my car 3 weeks ago")
@@ -88,9 +97,15 @@ def test_oracle_prefers_chosen_on_95_percent_and_chosen_are_mixed_quality(rows: 
 
 
 def test_every_fact_word_is_one_token_of_a_bpe_trained_on_the_corpus(tiny_tokenizer) -> None:
-    multi = [w for w in LEXICON if len(tiny_tokenizer(" " + w, add_special_tokens=False)["input_ids"]) > 1]
+    multi = [
+        w
+        for w in LEXICON
+        if len(tiny_tokenizer(" " + w, add_special_tokens=False)["input_ids"]) > 1
+    ]
     assert multi == []
-    assert sum(len(c) for s in CONCEPTS.values() for c in s.values()) == len(LEXICON)  # no word in two concepts
+    assert sum(len(c) for s in CONCEPTS.values() for c in s.values()) == len(
+        LEXICON
+    )  # no word in two concepts
     corpus = list(demo_tokenizer_corpus(seed=1, n_posts=20))
     assert corpus == list(demo_tokenizer_corpus(seed=1, n_posts=20))
     assert any(t.startswith("POST\nSubreddit: r/") and "\nTL;DR: " in t for t in corpus)

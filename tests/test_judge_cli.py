@@ -44,8 +44,18 @@ def write_files(tmp_path: Path, n: int) -> tuple[Path, Path]:
     with a.open("w") as fa, b.open("w") as fb:
         for i in range(n):
             prompt = f"Prompt number {i}: what happened in the story?"
-            fa.write(json.dumps({"id": i, "prompt": prompt, "response": f"alpha answer {i}", "reward": 1.0}) + "\n")
-            fb.write(json.dumps({"id": i, "prompt": prompt, "response": f"beta answer {i}", "reward": 0.0}) + "\n")
+            fa.write(
+                json.dumps(
+                    {"id": i, "prompt": prompt, "response": f"alpha answer {i}", "reward": 1.0}
+                )
+                + "\n"
+            )
+            fb.write(
+                json.dumps(
+                    {"id": i, "prompt": prompt, "response": f"beta answer {i}", "reward": 0.0}
+                )
+                + "\n"
+            )
     return a, b
 
 
@@ -90,8 +100,20 @@ def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
 
 
 def judge_args(a: Path, b: Path, out: Path, url: str, *extra: str) -> list[str]:
-    return ["judge", str(a), str(b), "--task", "summarize", "--model", MODEL, "--base-url", url,
-            "--out", str(out), *extra]
+    return [
+        "judge",
+        str(a),
+        str(b),
+        "--task",
+        "summarize",
+        "--model",
+        MODEL,
+        "--base-url",
+        url,
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def read_out(out: Path) -> dict[int, dict]:
@@ -100,16 +122,34 @@ def read_out(out: Path) -> dict[int, dict]:
 
 def test_counting_rules_end_to_end_and_rerun_is_free(tmp_path, server, capsys) -> None:
     a, b = write_files(tmp_path, 9)
-    server.responder = policy({1: "a_wins_verbose", 3: "b_wins", 4: "first", 5: "tie",
-                               6: "garbage", 7: "refuse", 8: "b_wins"})
+    server.responder = policy(
+        {
+            1: "a_wins_verbose",
+            3: "b_wins",
+            4: "first",
+            5: "tie",
+            6: "garbage",
+            7: "refuse",
+            8: "b_wins",
+        }
+    )
     out = tmp_path / "res" / "judged.jsonl"
     code, text = run(judge_args(a, b, out, server.base_url), capsys)
     assert code == 0, text
     rows = read_out(out)
     assert list(rows) == list(range(9))  # input order
     winners = {i: r["winner"] for i, r in rows.items()}
-    assert winners == {0: "A", 1: "A", 2: "A", 3: "B", 4: "tie", 5: "tie", 6: "invalid",
-                       7: "invalid", 8: "B"}
+    assert winners == {
+        0: "A",
+        1: "A",
+        2: "A",
+        3: "B",
+        4: "tie",
+        5: "tie",
+        6: "invalid",
+        7: "invalid",
+        8: "B",
+    }
     for r in rows.values():
         assert r["response_a"].startswith("alpha") and r["response_b"].startswith("beta")
         assert [v["order"] for v in r["verdicts"]] == ["AB", "BA"]
@@ -158,9 +198,16 @@ def test_dialogue_json_verdicts_random_order_and_user_template(tmp_path, server,
     assert summary["win_rate"] == pytest.approx(11 / 12)
 
     custom = tmp_path / "terse.toml"
-    custom.write_text('answer = "letter"\nuser = """Q: {{prompt}}\n1) {{response_a}}\n2) {{response_b}}\nA, B or E?"""\n')
-    server.responder = lambda messages, model: "B" if messages[-1]["content"].split("1) ")[1].startswith("alpha") else "A"
-    code, text = run(judge_args(a, b, tmp_path / "custom.jsonl", server.base_url, "--template", str(custom)), capsys)
+    custom.write_text(
+        'answer = "letter"\nuser = """Q: {{prompt}}\n1) {{response_a}}\n2) {{response_b}}\nA, B or E?"""\n'
+    )
+    server.responder = lambda messages, model: (
+        "B" if messages[-1]["content"].split("1) ")[1].startswith("alpha") else "A"
+    )
+    code, text = run(
+        judge_args(a, b, tmp_path / "custom.jsonl", server.base_url, "--template", str(custom)),
+        capsys,
+    )
     assert code == 0, text
     assert {r["winner"] for r in read_out(tmp_path / "custom.jsonl").values()} == {"B"}
 
@@ -191,28 +238,41 @@ def test_failed_pairs_are_not_cached_and_rerun_retries_only_them(tmp_path, serve
 
 
 def test_killed_run_then_rerun_repeats_no_finished_judgement(tmp_path) -> None:
-    n = 24
+    n = 16
     a, b = write_files(tmp_path, n)
-    srv = JudgeServer(policy({}), latency=0.15)
+    srv = JudgeServer(policy({}), latency=0.1)
     out = tmp_path / "out.jsonl"
     with srv as url:
-        env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")
+        }
         cmd = [sys.executable, "-m", "wprctl", *judge_args(a, b, out, url, "--concurrency", "2")]
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 60
-        while sum(srv.served.values()) < 10 and time.monotonic() < deadline:
+        while sum(srv.served.values()) < 6 and time.monotonic() < deadline:
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert proc.returncode == -signal.SIGKILL
 
         template = load_template("summarize")
-        settings = RunSettings(model=MODEL, temperature=0.0, orders="both", seed=0, max_cost=None,
-                               bootstrap=100, price=None)
-        pairs = [Pair(r["id"], r["prompt"], r["response"], json.loads(lb)["response"])
-                 for r, lb in zip(map(json.loads, a.read_text().splitlines()),
-                                  b.read_text().splitlines(), strict=True)]
+        settings = RunSettings(
+            model=MODEL,
+            temperature=0.0,
+            orders="both",
+            seed=0,
+            max_cost=None,
+            bootstrap=100,
+            price=None,
+        )
+        pairs = [
+            Pair(r["id"], r["prompt"], r["response"], json.loads(lb)["response"])
+            for r, lb in zip(
+                map(json.loads, a.read_text().splitlines()), b.read_text().splitlines(), strict=True
+            )
+        ]
         judgements = [j for p in plan(pairs, template, settings) for j in p.judgements]
         with sqlite3.connect(tmp_path / "judge_cache.sqlite") as db:
             cached = {k for (k,) in db.execute("SELECT key FROM replies")}
@@ -220,7 +280,9 @@ def test_killed_run_then_rerun_repeats_no_finished_judgement(tmp_path) -> None:
         assert 0 < len(finished) < len(judgements)  # killed mid-run
 
         srv.reset_counts()
-        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
         for j in finished:
             assert srv.count(j.messages) == 0
@@ -259,8 +321,20 @@ def test_api_key_comes_from_the_environment_only(tmp_path, server, capsys, monke
     out = tmp_path / "out.jsonl"
     code, text = run(["judge", str(a), str(b), "--task", "summarize", "--out", str(out)], capsys)
     assert code == 2 and "OPENAI_API_KEY" in text and "Traceback" not in text
-    code, text = run(["judge", str(a), str(b), "--out", str(out), "--base-url",
-                      "https://judge.example.com/v1", "--set", "judge.api_key_env=MY_JUDGE_KEY"], capsys)
+    code, text = run(
+        [
+            "judge",
+            str(a),
+            str(b),
+            "--out",
+            str(out),
+            "--base-url",
+            "https://judge.example.com/v1",
+            "--set",
+            "judge.api_key_env=MY_JUDGE_KEY",
+        ],
+        capsys,
+    )
     assert code == 2 and "MY_JUDGE_KEY" in text
     assert not out.exists()
     # A local server needs no key: a dummy one is sent.
@@ -293,7 +367,9 @@ def test_max_cost_stops_cleanly_and_a_rerun_finishes(tmp_path, server, capsys) -
 def test_dry_run_requests_and_writes_nothing(tmp_path, server, capsys) -> None:
     a, b = write_files(tmp_path, 5)
     out = tmp_path / "dry" / "out.jsonl"
-    code, text = run(["judge", str(a), str(b), "--task", "summarize", "--out", str(out), "--dry-run"], capsys)
+    code, text = run(
+        ["judge", str(a), str(b), "--task", "summarize", "--out", str(out), "--dry-run"], capsys
+    )
     assert code == 0, text  # no key needed to estimate
     assert "API calls needed" in text and re.search(r"API calls needed\s*│\s*10\b", text)
     assert "est. cost" in text and not out.parent.exists()
@@ -348,5 +424,19 @@ def test_manifest_defaults_and_first_sample_per_id(tmp_path, server, capsys) -> 
     assert code == 0, text
     assert seen_models == {"from-manifest"} and server.requests == 3  # random: one order each
     assert "sample 0" in text
-    assert all(r["response_a"].startswith("alpha") and r["winner"] == "A"
-               for r in read_out(out).values())
+    assert all(
+        r["response_a"].startswith("alpha") and r["winner"] == "A" for r in read_out(out).values()
+    )
+
+
+def test_rejected_key_stops_the_run_with_exit_1(tmp_path, server, capsys) -> None:
+    a, b = write_files(tmp_path, 20)
+    server.responder = lambda messages, model: Reply(
+        status=401, body=b'{"error": {"message": "Incorrect API key provided"}}'
+    )
+    out = tmp_path / "out.jsonl"
+    code, text = run(judge_args(a, b, out, server.base_url, "--concurrency", "2"), capsys)
+    assert code == 1 and "rejected" in text and "rerun" in text
+    assert server.requests < 40  # stopped instead of failing every judgement in turn
+    summary = json.loads(summary_path(out).read_text())
+    assert summary["stopped"] == "fatal" and summary["judged"] == 0 and summary["pending"] == 20

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import random
 import threading
 import time
@@ -41,11 +42,18 @@ def ask(server: JudgeServer, prompts: list[str], **settings: object) -> list[Out
     async def main() -> list[Outcome]:
         client = JudgeClient(ClientSettings(base_url=server.base_url, api_key=KEY, **defaults))  # type: ignore[arg-type]
         try:
-            return await asyncio.gather(*(
-                client.complete([{"role": "user", "content": p}], model="judge", temperature=0.0,
-                                max_tokens=8, estimated_tokens=20)
-                for p in prompts
-            ))
+            return await asyncio.gather(
+                *(
+                    client.complete(
+                        [{"role": "user", "content": p}],
+                        model="judge",
+                        temperature=0.0,
+                        max_tokens=8,
+                        estimated_tokens=20,
+                    )
+                    for p in prompts
+                )
+            )
         finally:
             await client.close()
 
@@ -134,11 +142,13 @@ def test_refusals_are_replies_not_errors(server: JudgeServer) -> None:
 
 
 def test_bad_request_is_not_retried_and_auth_failure_is_fatal(server: JudgeServer) -> None:
-    server.responder = lambda m, model: Reply(status=400, body=b'{"error": {"message": "too long"}}')
+    server.responder = lambda m, model: Reply(
+        status=400, body=b'{"error": {"message": "too long"}}'
+    )
     (outcome,) = ask(server, ["p"])
     assert not outcome.ok and outcome.attempts == 1 and "400" in (outcome.error or "")
     server.responder = lambda m, model: Reply(
-        status=401, body=('{"error": {"message": "bad key %s"}}' % KEY).encode()
+        status=401, body=json.dumps({"error": {"message": f"bad key {KEY}"}}).encode()
     )
     with pytest.raises(FatalAPIError) as info:
         ask(server, ["q"])

@@ -28,7 +28,7 @@ from wprctl.judge.templates import (
         ("The better summary is A.", "A"),
         ("Summary B is better.", "B"),
         ("B - it is more concise", "B"),
-        ("Preferred: \"A\"", "A"),
+        ('Preferred: "A"', "A"),
         ("Comparison: A is more detailed.\nPreferred: B", "B"),
         ("A summary should be short. Answer: B", "B"),  # the article "A" is not an answer
         ("Let me think step by step...\n\nE", "E"),
@@ -124,6 +124,8 @@ def test_bad_templates_are_user_errors(tmp_path) -> None:
     with pytest.raises(UserError, match="not found"):
         load_template(str(tmp_path / "absent.toml"))
     bad = tmp_path / "bad.toml"
-    bad.write_text('user = "{{prompt}} {{response_a}} {{response_b}}"\ncolour = 1\n', encoding="utf-8")
+    bad.write_text(
+        'user = "{{prompt}} {{response_a}} {{response_b}}"\ncolour = 1\n', encoding="utf-8"
+    )
     with pytest.raises(UserError, match="colour"):
         load_template(str(bad))

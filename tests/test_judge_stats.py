@@ -58,8 +58,12 @@ def test_flip_rate_counts_pairs_valid_in_both_orders() -> None:
 
 def test_summary_fields() -> None:
     winners = ["A", "A", "B", "tie", "invalid"]
-    s = stats.summarize(winners, [["A", "A"], ["A", "A"], ["B", "B"], ["A", "B"], ["A", "invalid"]],
-                        n_boot=500, seed=1)
+    s = stats.summarize(
+        winners,
+        [["A", "A"], ["A", "A"], ["B", "B"], ["A", "B"], ["A", "invalid"]],
+        n_boot=500,
+        seed=1,
+    )
     assert (s["wins"], s["ties"], s["losses"], s["invalid"]) == (2, 1, 1, 1)
     assert s["win_rate"] == pytest.approx(2.5 / 4)
     assert s["win_rate_no_ties"] == pytest.approx(2 / 3)

@@ -354,10 +354,8 @@ def load_checkpoint(engines: dict[str, Any], ckpt_dir: Path) -> dict[str, Any]:
 def export_hf(model: Any, out_dir: Path, tokenizer: Any | None = None) -> Path:
     """Save a Hugging Face folder (safetensors) loadable by transformers alone, from any ZeRO stage."""
     module = unwrap(model)
-    if zero3(model):
-        state = model._zero3_consolidated_16bit_state_dict()
-    else:
-        state = None
+    # Under ZeRO-3 no rank holds whole weights; this gathers them (all ranks must call it).
+    state = model._zero3_consolidated_16bit_state_dict() if zero3(model) else None
     if rank() == 0:
         tmp = out_dir.with_name(out_dir.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -124,7 +124,8 @@ def stats(
     m = load_manifest(manifest, set_)
     report: dict[str, Any] = {"dataset": m.data.dataset, "splits": {}, "stages": {}}
     for split in ("train", "eval"):
-        es = load_examples(m.data, split, m.project.seed, root=m.root, report=not as_json)
+        # the tables below show the skipped rows; no separate report while loading
+        es = load_examples(m.data, split, m.project.seed, root=m.root, report=False)
         report["source"] = report.get("source") or es.source
         report["splits"][split] = {
             "source": es.source,
@@ -180,6 +181,9 @@ def _print_stats(console: Any, report: dict[str, Any], data_split: str) -> None:
         for reason, per in reasons.items():
             bad.add_row(reason, str(per.get("train", 0)), str(per.get("eval", 0)))
         console.print(bad)
+        for split, s in report["splits"].items():
+            if s["first_bad"]:
+                console.print(f"first bad row ({split}): {s['first_bad']}", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

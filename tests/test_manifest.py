@@ -1,0 +1,159 @@
+"""The project manifest: defaults, validation errors that name the key, and --set overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from wprctl.errors import UserError
+from wprctl.manifest import Manifest, load_manifest, parse_override
+from wprctl.project import TEMPLATES, init_project
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "wprctl.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_the_papers_settings() -> None:
+    m = Manifest()
+    assert (m.sft.lr, m.sft.epochs, m.sft.scheduler, m.sft.warmup_ratio, m.sft.weight_decay) == (
+        5e-5,
+        3,
+        "cosine",
+        0.1,
+        0.01,
+    )
+    assert (m.rm.lr, m.rm.weight_decay, m.rm.epochs) == (1e-5, 0.1, 1)
+    assert (m.ppo.actor_lr, m.ppo.critic_lr, m.ppo.temperature, m.ppo.gamma, m.ppo.lam) == (
+        1.5e-5,
+        1.5e-5,
+        0.8,
+        1.0,
+        0.95,
+    )
+    assert (m.ppo.max_answer_len, m.ppo.max_prompt_len, m.ppo.regularizer.kl_ctl) == (
+        256,
+        512,
+        0.05,
+    )
+    w = m.ppo.regularizer.wpr
+    assert (w.max_iter, w.k1, w.k2, w.epsilon, w.metric, w.method) == (
+        10,
+        512,
+        128,
+        0.01,
+        "l2",
+        "paper",
+    )
+    assert (m.ppo.actor_zero_stage, m.ppo.critic_zero_stage) == (2, 3)
+    assert (m.dar.alpha, m.dar.beta, m.dar.w_clip) == (0.1, 0.05, 20.0)
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_every_template_validates(tmp_path: Path, template: str) -> None:
+    path = init_project(tmp_path / template, template, force=False)
+    m = load_manifest(path)
+    assert m.project.name == template
+    with pytest.raises(UserError, match="already exists"):
+        init_project(tmp_path / template, template, force=False)
+
+
+def test_unknown_key_has_did_you_mean_and_line(tmp_path: Path) -> None:
+    p = _write(tmp_path, "[sft]\nlr = 1e-4\nepoch = 3\n")
+    with pytest.raises(UserError) as err:
+        load_manifest(p)
+    msg = str(err.value)
+    assert (
+        str(p) in msg and "sft.epoch" in msg and "did you mean 'epochs'" in msg and "line 3" in msg
+    )
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"unknown key 'ppoo'.*did you mean 'ppo'"):
+        load_manifest(_write(tmp_path, "[ppoo]\nactor_lr = 1.0\n"))
+
+
+def test_wrong_type_names_key_value_and_expectation(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as err:
+        load_manifest(_write(tmp_path, '[sft]\nlr = "fast"\n'))
+    assert "sft.lr" in str(err.value) and "'fast'" in str(err.value) and "number" in str(err.value)
+
+
+def test_bad_enum_lists_allowed_values(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as err:
+        load_manifest(_write(tmp_path, '[ppo.regularizer]\nkind = "l2"\n'))
+    msg = str(err.value)
+    assert "ppo.regularizer.kind" in msg and "'wpr'" in msg and "'kl'" in msg and "'l2'" in msg
+
+
+def test_out_of_range_and_cross_field_checks(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="deepspeed.zero_stage"):
+        load_manifest(_write(tmp_path, "[deepspeed]\nzero_stage = 4\n"))
+    with pytest.raises(UserError, match="divisible"):
+        load_manifest(_write(tmp_path, "[model.tiny]\nhidden_size = 30\nnum_heads = 4\n"))
+    with pytest.raises(UserError, match="unknown stage 'sfft'.*did you mean 'sft'"):
+        load_manifest(_write(tmp_path, 'stages = ["sfft"]\n'))
+
+
+def test_toml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"not valid TOML.*line 2"):
+        load_manifest(_write(tmp_path, "[sft]\nlr = = 1\n"))
+
+
+def test_set_overrides_are_typed_and_validated(tmp_path: Path) -> None:
+    p = _write(tmp_path, "[ppo.regularizer]\nkind = 'wpr'\n")
+    m = load_manifest(
+        p,
+        [
+            "ppo.regularizer.kind=kl",
+            "ppo.regularizer.kl.estimator=k3",
+            "sft.lr=3e-4",
+            "sft.max_steps=7",
+            "model.gradient_checkpointing=true",
+            "apps.k=[1, 2]",
+            "project.name=hello world",
+        ],
+    )
+    assert m.ppo.regularizer.kind == "kl" and m.ppo.regularizer.kl.estimator == "k3"
+    assert m.sft.lr == 3e-4 and isinstance(m.sft.max_steps, int) and m.sft.max_steps == 7
+    assert m.model.gradient_checkpointing is True and m.apps.k == [1, 2]
+    assert m.project.name == "hello world"
+    with pytest.raises(UserError, match=r"sft.lr \(from --set\)"):
+        load_manifest(p, ["sft.lr=fast"])
+    with pytest.raises(UserError, match="did you mean 'regularizer'"):
+        load_manifest(p, ["ppo.regulariser.kind=kl"])
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        parse_override("ppo.regularizer.kind")
+
+
+def test_variants_apply_their_overrides(tmp_path: Path) -> None:
+    p = _write(
+        tmp_path,
+        'stages = ["sft", "ppo-kl"]\n[[variants]]\nname = "ppo-kl"\nstage = "ppo"\n'
+        'set = { "ppo.regularizer.kind" = "kl", "ppo.regularizer.kl_ctl" = 0.1 }\n',
+    )
+    m = load_manifest(p)
+    v = m.for_variant("ppo-kl")
+    assert v.ppo.regularizer.kind == "kl" and v.ppo.regularizer.kl_ctl == 0.1
+    assert m.ppo.regularizer.kind == "wpr"  # the base manifest is untouched
+    bad = _write(
+        tmp_path,
+        '[[variants]]\nname = "x"\nstage = "ppo"\nset = { "ppo.regularizer.kind" = "nope" }\n',
+    )
+    with pytest.raises(UserError, match="variant 'x'"):
+        load_manifest(bad).for_variant("x")
+
+
+def test_cli_exit_codes_for_broken_manifests(tmp_path: Path) -> None:
+    p = _write(tmp_path, "[sft]\nepoch = 3\n")
+    res = run_cli("status", "-m", str(p))
+    assert res.returncode == 2
+    assert "did you mean 'epochs'" in res.stderr and "Traceback" not in res.stderr + res.stdout
+    res = run_cli("status", "-m", str(tmp_path / "missing.toml"))
+    assert res.returncode == 2 and "wprctl init" in res.stderr
+    res = run_cli("sft", "-m", str(p))
+    assert res.returncode == 2 and "Traceback" not in res.stderr

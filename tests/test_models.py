@@ -1,0 +1,53 @@
+"""The offline tiny model: built deterministically, loadable and usable with plain transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from wprctl.errors import UserError
+from wprctl.manifest import TinyModelConfig
+from wprctl.models import build_tiny_model, load_tokenizer
+
+
+def test_tiny_model_loads_with_plain_transformers_and_generates(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 1, 2)
+    assert model.config.pad_token_id == 0 and model.config.eos_token_id == 1
+    text = "POST\nSubreddit: r/relationships\nmy roommate borrowed my car\nTL;DR: "
+    ids = tok(text, return_tensors="pt")
+    assert tok.decode(ids["input_ids"][0]) == text  # byte-level: lossless round trip
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_tiny_model_is_deterministic_given_the_seed(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    cfg = TinyModelConfig(
+        vocab_size=400, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32
+    )
+    a = build_tiny_model(cfg, 3, tmp_path / "a")
+    b = build_tiny_model(cfg, 3, tmp_path / "b")
+    c = build_tiny_model(cfg, 4, tmp_path / "c")
+    wa, wb, wc = (load_file(p / "model.safetensors") for p in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+
+
+def test_tokenizer_without_pad_is_a_user_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="no pad token"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(UserError, match="cannot load a tokenizer"):
+        load_tokenizer(tmp_path / "nothing-here")

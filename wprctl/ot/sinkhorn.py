@@ -1,0 +1,340 @@
+"""Entry points of the WPR penalty: per-position entropic-OT dual potentials at the actions.
+
+``wpr_potentials`` takes full (B, T, V) logits; ``wpr_potentials_topk`` takes the compressed
+``TopKPair`` made once at rollout (what PPO uses: O(k2) memory per token). Two methods:
+``paper`` (see ``wprctl.ot.paper``) and ``wellposed`` (see ``wprctl.ot.wellposed``, where its
+math is documented). Both return a ``WPRResult`` with (B, T) tensors; positions outside the mask
+get 0 and count as neither converged nor infeasible.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from wprctl.errors import UserError
+from wprctl.ot.graph import CostGraph, check_epsilon
+from wprctl.ot.paper import paper_sinkhorn, paper_support, support_kernel
+from wprctl.ot.topk import TopKPair, check_logits, compress_topk
+from wprctl.ot.wellposed import support_neighbours, wellposed_sinkhorn
+
+Method = Literal["wellposed", "paper"]
+Gauge = Literal["centered", "raw"]
+
+
+@dataclass
+class WPRResult:
+    potential: torch.Tensor  # (B, T) float32: the penalty phi at the action (0 where masked)
+    ot_value: torch.Tensor | None  # (B, T) float32 entropic OT value, when requested
+    iterations: torch.Tensor  # (B, T) int64 Sinkhorn iterations run
+    marginal_error: torch.Tensor  # (B, T) float32 L1 marginal error of the returned scalings
+    converged_fraction: float  # over masked-in positions
+    infeasible_fraction: float | None  # paper only: detected infeasible truncated problems
+    support_size: int  # paper: batch-wide support; wellposed: largest per-position support
+    method: str = "wellposed"
+
+
+def _check_common(
+    graph: CostGraph, epsilon: float, max_iter: int, tol: float, gauge: str, method: str, V: int
+) -> None:
+    check_epsilon(epsilon)
+    if not isinstance(graph, CostGraph):
+        raise UserError(f"WPR: graph must be a CostGraph, got {type(graph).__name__}")
+    if graph.num_tokens != V:
+        raise UserError(
+            f"WPR: the cost graph has {graph.num_tokens} tokens but the logits have a vocabulary "
+            f"of {V}; build the graph from the same model's embeddings"
+        )
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise UserError(f"WPR: max_iter must be an integer >= 1, got {max_iter!r}")
+    if not isinstance(tol, (int, float)) or not tol > 0:
+        raise UserError(f"WPR: tol must be > 0, got {tol!r}")
+    if gauge not in ("centered", "raw"):
+        raise UserError(f"WPR: gauge must be 'centered' or 'raw', got {gauge!r}")
+    if method not in ("wellposed", "paper"):
+        raise UserError(f"WPR: method must be 'wellposed' or 'paper', got {method!r}")
+
+
+def _scatter_bt(mask: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    out[mask] = values.to(dtype)
+    return out
+
+
+def _xlogx(x: torch.Tensor) -> torch.Tensor:
+    return torch.special.xlogy(x, x)
+
+
+def _finish(
+    mask: torch.Tensor,
+    phi: torch.Tensor,
+    value: torch.Tensor | None,
+    out: dict[str, torch.Tensor],
+    infeasible: torch.Tensor | None,
+    support_size: int,
+    method: str,
+) -> WPRResult:
+    n = int(mask.sum())
+    return WPRResult(
+        potential=_scatter_bt(mask, phi, torch.float32),
+        ot_value=None if value is None else _scatter_bt(mask, value, torch.float32),
+        iterations=_scatter_bt(mask, out["iterations"], torch.long),
+        marginal_error=_scatter_bt(mask, out["marginal_error"], torch.float32),
+        converged_fraction=float(out["converged"].float().mean()) if n else 1.0,
+        infeasible_fraction=(
+            None if infeasible is None else (float(infeasible.float().mean()) if n else 0.0)
+        ),
+        support_size=support_size,
+        method=method,
+    )
+
+
+# ------------------------------------------------------------------------------------ paper
+
+
+def _paper_core(
+    support: torch.Tensor,
+    a_sub: torch.Tensor,
+    b_sub: torch.Tensor,
+    action_ids: torch.Tensor,
+    graph: CostGraph,
+    mask: torch.Tensor,
+    epsilon: float,
+    max_iter: int,
+    tol: float,
+    gauge: str,
+    return_value: bool,
+) -> WPRResult:
+    """``a_sub``, ``b_sub``: (Ns, P) float32 masses of the active positions on the support."""
+    Ns = support.numel()
+    tail_a = (1.0 - a_sub.sum(0, keepdim=True)).clamp_min(0.0)
+    tail_b = (1.0 - b_sub.sum(0, keepdim=True)).clamp_min(0.0)
+    a = torch.cat([a_sub, tail_a])
+    b = torch.cat([b_sub, tail_b])
+    K = support_kernel(graph, support, epsilon)
+    out = paper_sinkhorn(K, a, b, epsilon, max_iter, tol)
+    f, g = out["f"], out["g"]
+    col = torch.searchsorted(support, action_ids)
+    in_support = (col < Ns) & (support[col.clamp_max(Ns - 1)] == action_ids)
+    col = torch.where(in_support, col, Ns)
+    cols = torch.arange(f.shape[1], device=f.device)
+    phi = f[col, cols]
+    if gauge == "centered":
+        phi = phi - (a * f).sum(0)
+    value = None
+    if return_value:
+        a64, b64 = a.double(), b.double()
+        value = (
+            (a64 * f.double()).sum(0)
+            + (b64 * g.double()).sum(0)
+            - epsilon * (_xlogx(a64).sum(0) + _xlogx(b64).sum(0))
+        )
+    return _finish(mask, phi, value, out, out["infeasible"], Ns + 1, "paper")
+
+
+def _paper_full(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    actions: torch.Tensor,
+    mask: torch.Tensor,
+    graph: CostGraph,
+    epsilon: float,
+    top_k: int,
+    max_iter: int,
+    tol: float,
+    gauge: str,
+    pad_id: int,
+    eos_id: int,
+    start: int | None,
+    return_value: bool,
+) -> WPRResult:
+    V = policy_logits.shape[-1]
+    flat_p = policy_logits[mask].float()
+    flat_q = ref_logits[mask].float()
+    k = min(top_k, V)
+    tops = [torch.topk(x, k, dim=-1).indices for x in (flat_q, flat_p)] if flat_p.numel() else []
+    extra = actions[:, start:] if start is not None else actions[mask]
+    support = paper_support(
+        torch.cat([t.reshape(-1) for t in tops]) if tops else actions.new_empty(0),
+        extra.long(),
+        pad_id,
+        eos_id,
+    )
+    lse_p = torch.logsumexp(flat_p, dim=-1, keepdim=True)
+    lse_q = torch.logsumexp(flat_q, dim=-1, keepdim=True)
+    a_sub = torch.exp(flat_p[:, support] - lse_p).T.contiguous()
+    b_sub = torch.exp(flat_q[:, support] - lse_q).T.contiguous()
+    return _paper_core(
+        support, a_sub, b_sub, actions[mask].long(), graph, mask, epsilon, max_iter, tol, gauge,
+        return_value,
+    )  # fmt: skip
+
+
+def _paper_topk(
+    pair: TopKPair,
+    graph: CostGraph,
+    epsilon: float,
+    max_iter: int,
+    tol: float,
+    gauge: str,
+    pad_id: int,
+    eos_id: int,
+    return_value: bool,
+) -> WPRResult:
+    mask = pair.mask
+    ids, valid = pair.indices[mask], pair.valid[mask]
+    support = paper_support(ids[valid], pair.actions[mask], pad_id, eos_id)
+    P, Ns = ids.shape[0], support.numel()
+    # A token of the batch-wide support outside this position's own top-k has mass 0 here (the
+    # full-logit path uses its true, small mass): the one documented difference of this path.
+    a_sub = torch.zeros(Ns, P, dtype=torch.float32, device=ids.device)
+    b_sub = torch.zeros_like(a_sub)
+    rows = torch.searchsorted(support, ids)
+    ok = valid & (rows < Ns) & (support[rows.clamp_max(max(Ns - 1, 0))] == ids)
+    pos = torch.arange(P, device=ids.device).unsqueeze(1).expand_as(ids)
+    a_sub[rows[ok], pos[ok]] = pair.logp[mask][ok].exp()
+    b_sub[rows[ok], pos[ok]] = pair.logq[mask][ok].exp()
+    return _paper_core(
+        support, a_sub, b_sub, pair.actions[mask], graph, mask, epsilon, max_iter, tol, gauge,
+        return_value,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ wellposed
+
+
+def _wellposed(
+    pair: TopKPair,
+    graph: CostGraph,
+    epsilon: float,
+    max_iter: int,
+    tol: float,
+    gauge: str,
+    return_value: bool,
+    dust_scale: float,
+    reservoir: float,
+    dtype: torch.dtype,
+) -> WPRResult:
+    mask = pair.mask
+    ids, valid = pair.indices[mask], pair.valid[mask]
+    la = pair.logp[mask].to(dtype).masked_fill(~valid, -math.inf)
+    lb = pair.logq[mask].to(dtype).masked_fill(~valid, -math.inf)
+    tail_a, tail_b = pair.tail_p[mask].to(dtype), pair.tail_q[mask].to(dtype)
+    nb, cost = support_neighbours(graph, ids, valid)
+    g = graph.on(ids.device)
+    if "knn_mean" not in g:
+        g["knn_mean"] = g["knn_cost"].mean(dim=1)
+    lam = (dust_scale * g["knn_mean"][ids]).masked_fill(~valid, 0.0)
+    out = wellposed_sinkhorn(
+        la, lb, tail_a, tail_b, nb, cost, lam, epsilon, max_iter, tol, reservoir=reservoir
+    )
+    F, G, FD, GD = out["F"], out["G"], out["FD"], out["GD"]
+    slot = pair.action_slot[mask].unsqueeze(1)
+    a = la.exp()
+    if gauge == "raw":
+        phi = epsilon * (F.gather(1, slot).squeeze(1) - (FD - GD) / 2)
+    else:
+        Fz = torch.where(valid, F, torch.zeros_like(F))
+        mean_f = (a * Fz).sum(1) + tail_a * FD
+        phi = epsilon * (F.gather(1, slot).squeeze(1) - mean_f)
+    value = None
+    if return_value:
+        b = lb.exp()
+        Gz = torch.where(valid, G, torch.zeros_like(G))
+        Fz = torch.where(valid, F, torch.zeros_like(F))
+        value = epsilon * (
+            (a * Fz).sum(1) + tail_a * FD + (b * Gz).sum(1) + tail_b * GD
+            - (a * la.masked_fill(~valid, 0.0)).sum(1) - _xlogx(tail_a)
+            - (b * lb.masked_fill(~valid, 0.0)).sum(1) - _xlogx(tail_b)
+        )  # fmt: skip
+    return _finish(mask, phi, value, out, None, int(valid.sum(1).max()) if valid.numel() else 0, "wellposed")
+
+
+# ------------------------------------------------------------------------------------ public
+
+
+def wpr_potentials(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    actions: torch.Tensor,
+    graph: CostGraph,
+    *,
+    epsilon: float,
+    top_k: int | None,
+    max_iter: int,
+    tol: float,
+    mask: torch.Tensor | None = None,
+    gauge: Gauge = "centered",
+    method: Method = "wellposed",
+    pad_id: int = 0,
+    eos_id: int = 1,
+    start: int | None = None,
+    return_value: bool = False,
+    dust_scale: float = 1.0,
+    reservoir: float = 1.0,
+    dtype: torch.dtype = torch.float64,
+) -> WPRResult:
+    """WPR penalty phi (B, T) at ``actions`` from full (B, T, V) logits (policy a, reference b).
+
+    ``top_k`` is k2 (None: no truncation). ``mask`` marks the positions that get a penalty (all
+    when None). ``start`` (``paper`` only): add ``actions[:, start:]`` to the support as the
+    official trainer does, instead of the actions at the masked positions.
+    """
+    mask_b = check_logits(policy_logits, ref_logits, actions, mask)
+    V = policy_logits.shape[-1]
+    _check_common(graph, epsilon, max_iter, tol, gauge, method, V)
+    k = V if top_k is None else top_k
+    if not isinstance(k, int) or k < 1:
+        raise UserError(f"WPR: top_k (k2) must be an integer >= 1 or None, got {top_k!r}")
+    if method == "paper":
+        graph.check_underflow(epsilon, torch.float32)
+        return _paper_full(
+            policy_logits, ref_logits, actions, mask_b, graph, epsilon, k, max_iter, tol, gauge,
+            pad_id, eos_id, start, return_value,
+        )  # fmt: skip
+    pair = compress_topk(policy_logits, ref_logits, actions, k, mask_b)
+    return wpr_potentials_topk(
+        pair, graph, epsilon=epsilon, max_iter=max_iter, tol=tol, gauge=gauge, method=method,
+        pad_id=pad_id, eos_id=eos_id, return_value=return_value, dust_scale=dust_scale,
+        reservoir=reservoir, dtype=dtype,
+    )  # fmt: skip
+
+
+def wpr_potentials_topk(
+    pair: TopKPair,
+    graph: CostGraph,
+    *,
+    epsilon: float,
+    max_iter: int,
+    tol: float,
+    gauge: Gauge = "centered",
+    method: Method = "wellposed",
+    pad_id: int = 0,
+    eos_id: int = 1,
+    return_value: bool = False,
+    dust_scale: float = 1.0,
+    reservoir: float = 1.0,
+    dtype: torch.dtype = torch.float64,
+) -> WPRResult:
+    """WPR penalty from the compressed form (see ``compress_topk``); same result fields.
+
+    ``paper`` here differs from the full-logit path in one way: a batch-support token outside a
+    position's own top-k2 has mass 0 instead of its (small) true mass.
+    """
+    if not isinstance(pair, TopKPair):
+        raise UserError(f"WPR: expected a TopKPair from compress_topk, got {type(pair).__name__}")
+    _check_common(graph, epsilon, max_iter, tol, gauge, method, pair.vocab_size)
+    if method == "paper":
+        graph.check_underflow(epsilon, torch.float32)
+        return _paper_topk(pair, graph, epsilon, max_iter, tol, gauge, pad_id, eos_id, return_value)
+    if not dust_scale > 0 or not math.isfinite(dust_scale):
+        raise UserError(f"WPR: dust_scale must be a finite number > 0, got {dust_scale!r}")
+    if not reservoir >= 1 or not math.isfinite(reservoir):
+        raise UserError(f"WPR: reservoir must be a finite number >= 1, got {reservoir!r}")
+    graph.check_underflow(epsilon, torch.float32)
+    return _wellposed(
+        pair, graph, epsilon, max_iter, tol, gauge, return_value, dust_scale, reservoir, dtype
+    )
