@@ -64,7 +64,9 @@ def test_extract_fenced_and_plain() -> None:
     assert extract_code("```python\nprint(1)\n# truncated") == "print(1)\n# truncated\n"
     prompt = "### Problem:\nAdd.\n\n### Response:\nprint(sum(map(int, input().split())))"
     assert extract_code(prompt) == "print(sum(map(int, input().split())))\n"
-    assert extract_code("QUESTION:\nq\nUse Standard Input format\nANSWER:\nprint(2)\n") == "print(2)\n"
+    assert (
+        extract_code("QUESTION:\nq\nUse Standard Input format\nANSWER:\nprint(2)\n") == "print(2)\n"
+    )
 
 
 def test_extract_puts_starter_code_back() -> None:

@@ -52,7 +52,9 @@ def test_needs_k_samples() -> None:
 
 
 def _result(pid: str, sample: int, verdicts: list[str], difficulty: str) -> SampleResult:
-    r = SampleResult(pid, sample, verdicts, [0.0] * len(verdicts), [None] * len(verdicts), difficulty)
+    r = SampleResult(
+        pid, sample, verdicts, [0.0] * len(verdicts), [None] * len(verdicts), difficulty
+    )
     r.reward = sample_reward(verdicts)
     return r
 

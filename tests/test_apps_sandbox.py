@@ -39,10 +39,12 @@ def sandbox_processes() -> list[int]:
             continue
         try:
             with open(f"/proc/{d}/status") as fh:
-                uid = next(int(ln.split()[1]) for ln in fh if ln.startswith("Uid:"))
-        except (OSError, StopIteration, ValueError):
+                fields = dict(ln.split(":", 1) for ln in fh if ":" in ln)
+            uid = int(fields["Uid"].split()[0])
+        except (OSError, KeyError, ValueError):
             continue
-        if UID_BASE <= uid < UID_BASE + 4096 * 64:
+        zombie = fields.get("State", "").strip().startswith("Z")  # dead, awaiting its reaper
+        if UID_BASE <= uid < UID_BASE + 4096 * 64 and not zombie:
             found.append(int(d))
     return found
 
@@ -50,7 +52,11 @@ def sandbox_processes() -> list[int]:
 def run(pool: ExecPool, code: str, problem: Problem = DOUBLE) -> SampleResult:
     t0 = time.monotonic()
     (res,) = evaluate_samples(
-        {problem.problem_id: problem}, [(problem.problem_id, code)], pool=pool, progress=False, extract=False
+        {problem.problem_id: problem},
+        [(problem.problem_id, code)],
+        pool=pool,
+        progress=False,
+        extract=False,
     )
     elapsed = time.monotonic() - t0
     # within its time bound
@@ -68,8 +74,14 @@ def assert_still_works(pool: ExecPool) -> None:
 
 HOSTILE = {
     # name: (program, allowed verdicts of each test)
-    "fork_bomb": ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n", {"timeout", "runtime_error"}),
-    "fork_bomb_exits": ("import os\nfor _ in range(10**6):\n    os.fork()\n", {"runtime_error", "timeout"}),
+    "fork_bomb": (
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+        {"timeout", "runtime_error"},
+    ),
+    "fork_bomb_exits": (
+        "import os\nfor _ in range(10**6):\n    os.fork()\n",
+        {"runtime_error", "timeout"},
+    ),
     "memory_bomb": ("a = []\nwhile True:\n    a.append(bytearray(10**7))\n", {"runtime_error"}),
     "one_huge_allocation": ("x = ' ' * 10**11\n", {"runtime_error"}),
     "infinite_loop": ("while True:\n    pass\n", {"timeout"}),
@@ -77,7 +89,8 @@ HOSTILE = {
     "unbounded_output": ("while True:\n    print('x' * 10000)\n", {"fail"}),
     "closes_stdout_then_hangs": ("import os, time\nos.close(1)\ntime.sleep(100)\n", {"timeout"}),
     "threads_never_end": (
-        "import threading, time\nthreading.Thread(target=lambda: time.sleep(1000)).start()\n" + ANSWER,
+        "import threading, time\nthreading.Thread(target=lambda: time.sleep(1000)).start()\n"
+        + ANSWER,
         {"timeout"},
     ),
     "deep_recursion": ("def f(n):\n    return f(n + 1) + 1\nf(0)\n", {"runtime_error"}),
@@ -250,11 +263,20 @@ def test_stdin_programs_are_real_main(pool: ExecPool) -> None:
 
 
 def test_call_based_function_and_class(pool: ExecPool) -> None:
-    fn = Problem("fn", inputs=[[2], [5]], outputs=[[False], [True]], fn_name="is_odd", starter_code="def is_odd(n):\n\t")
+    fn = Problem(
+        "fn",
+        inputs=[[2], [5]],
+        outputs=[[False], [True]],
+        fn_name="is_odd",
+        starter_code="def is_odd(n):\n\t",
+    )
     assert run(pool, "def is_odd(n):\n    return n % 2 == 1\n", fn).verdicts == ["pass", "pass"]
     assert run(pool, "def is_odd(n):\n    return True\n", fn).verdicts == ["fail", "pass"]
     assert run(pool, "def other(n):\n    return 1\n", fn).verdicts == ["compile_error"] * 2
-    assert run(pool, "def is_odd(n):\n    return 1 // (n - 2) == 0\n", fn).verdicts == ["runtime_error", "pass"]
+    assert run(pool, "def is_odd(n):\n    return 1 // (n - 2) == 0\n", fn).verdicts == [
+        "runtime_error",
+        "pass",
+    ]
     # the test code under a __main__ guard must not run for a call-based problem
     guarded = "def is_odd(n):\n    return n % 2 == 1\nif __name__ == '__main__':\n    input()\n"
     assert run(pool, guarded, fn).verdicts == ["pass", "pass"]
@@ -275,3 +297,73 @@ def test_call_based_function_and_class(pool: ExecPool) -> None:
     assert run(pool, "def pair(n):\n    return (1, 2)\n", tup).verdicts == ["pass"]
     # an unserializable return value is a wrong answer, not a crash of the evaluator
     assert run(pool, "def pair(n):\n    return {1, 2}\n", tup).verdicts == ["fail"]
+
+
+def test_fallback_without_namespaces() -> None:
+    """sandbox=rlimits (what is left where the OS refuses namespaces): limits, session kills and
+    the uid sweep still hold."""
+    cfg = CONFIG.with_(sandbox="rlimits", workers=1)
+    with ExecPool(cfg) as fallback:
+        assert run(fallback, ANSWER).verdicts == ["pass", "pass"]
+        daemon = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(1000)\n    os._exit(0)\n"
+        assert run(fallback, daemon + ANSWER).verdicts == ["pass", "pass"]
+        for name in ("fork_bomb", "infinite_loop", "memory_bomb", "unbounded_output"):
+            code, allowed = HOSTILE[name]
+            assert set(run(fallback, code, SINGLE).verdicts) <= allowed, name
+        base = fallback._all[0].info["workdir_base"]
+        assert Path(base).is_dir() and os.listdir(base) == []  # test directories are removed
+    assert not Path(base).exists()
+    assert sandbox_processes() == []
+
+
+@pytest.mark.parametrize("kind", ["auto", "rlimits"])
+def test_evaluator_killed_leaves_nothing(tmp_path: Path, kind: str) -> None:
+    """If the evaluator dies (SIGKILL) mid-test, the sandbox notices and removes everything."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "evaluator.py"
+    script.write_text(
+        "from wprctl.codeexec import ExecConfig, Problem, evaluate_samples\n"
+        "p = Problem('x', inputs=['\\n'], outputs=['\\n'])\n"
+        "code = 'import os, time\\nif os.fork() == 0:\\n    os.setsid()\\n    time.sleep(1000)\\ntime.sleep(1000)'\n"
+        "print('started', flush=True)\n"
+        f"evaluate_samples({{'x': p}}, [('x', code)], ExecConfig(workers=1, timeout=60, sandbox={kind!r}),"
+        " progress=False, extract=False)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+        deadline = time.monotonic() + 20
+        while len(sandbox_processes()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(sandbox_processes()) >= 2  # the program and its daemon are running
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 5
+    while sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sandbox_processes() == []
+
+
+def test_sample_budget_caps_total_time() -> None:
+    many = Problem("many", inputs=["\n"] * 6, outputs=["\n"] * 6)
+    with ExecPool(CONFIG.with_(problem_budget=2.0, workers=1)) as small:
+        t0 = time.monotonic()
+        res = run(small, "while True:\n    pass\n", many)
+        assert time.monotonic() - t0 < 2.0 + TIMEOUT + SLACK
+    assert res.verdicts == ["timeout"] * 6
+    assert "sample budget exhausted" in (res.errors[-1] or "")
+
+
+def test_program_cannot_forge_a_harness_error(pool: ExecPool) -> None:
+    fn = Problem("forge", inputs=[[1]], outputs=[1], fn_name="f")
+    code = (
+        "import os, json\n"
+        "os.write(3, json.dumps({'harness_error': 'forged'}).encode())\n"
+        "def f(x):\n    return x\n"
+    )
+    res = run(pool, code, fn)  # no RunError: the evaluation goes on
+    assert res.verdicts in (["fail"], ["runtime_error"])

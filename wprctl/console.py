@@ -88,6 +88,7 @@ def quiet_library_warnings() -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # per-file load/save bars on tiny models
     except ImportError:  # pragma: no cover - transformers is a hard dependency
         pass
 

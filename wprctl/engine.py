@@ -12,6 +12,7 @@ CPU, NCCL on GPU, several nodes through a hostfile (see `wprctl.launch`).
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import random
@@ -60,9 +61,12 @@ def init_distributed() -> None:
         )
     from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed(
-        dist_backend=get_accelerator().communication_backend_name(), verbose=False
-    )
+    # DeepSpeed prints a line about its shared-memory op on every CPU start; it says nothing a user
+    # can act on, and N ranks would print it N times.
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(
+            dist_backend=get_accelerator().communication_backend_name(), verbose=False
+        )
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
 

@@ -213,6 +213,8 @@ class PPOConfig(Section):
     log_every: int = Field(1, ge=1)
     save_every: int = Field(50, ge=1)
     keep_last: int = Field(2, ge=1)
+    eval_every: int = Field(50, ge=1, description="held-out evaluation every N steps")
+    eval_prompts: int = Field(64, ge=1, description="held-out prompts per evaluation")
     regularizer: RegularizerConfig = Field(default_factory=RegularizerConfig)
 
 
@@ -262,6 +264,8 @@ class InferConfig(Section):
 
 
 class JudgeConfig(Section):
+    a: str | None = Field(None, description="`wprctl run`: model A's inference (stage name or file)")
+    b: str | None = Field(None, description="`wprctl run`: model B's inference (stage name or file)")
     model: str = "gpt-4o-2024-05-13"
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
@@ -293,6 +297,11 @@ class JudgeConfig(Section):
 
 class AppsConfig(Section):
     problems: str | None = Field(None, description="APPS problems: hub id or local file/folder")
+    generations: str | None = Field(
+        None,
+        description="`wprctl run`: an inference stage name or file, or 'reference' / 'weakened' "
+        "(the problems' own solutions, intact or deliberately broken, for the demo)",
+    )
     k: list[int] = Field(default_factory=lambda: [1, 5, 10])
     timeout: float = Field(4.0, gt=0, description="wall-clock seconds per test")
     problem_budget: float = Field(60.0, gt=0, description="wall-clock seconds per sample")

@@ -1,7 +1,7 @@
 """Sandboxed execution of generated programs against APPS tests, and the metrics on top of it.
 
-    from wprctl.codeexec import ExecConfig, evaluate_samples, load_problems
-    results = evaluate_samples(load_problems("apps.jsonl"), [("0", completion)], ExecConfig())
+from wprctl.codeexec import ExecConfig, evaluate_samples, load_problems
+results = evaluate_samples(load_problems("apps.jsonl"), [("0", completion)], ExecConfig())
 """
 
 from wprctl.codeexec.compare import outputs_match

@@ -64,7 +64,10 @@ def _fn_stub(problem: Problem) -> str:
 
 
 def reference_generations(
-    problems: dict[str, Problem] | list[Problem], n_per_problem: int, weaken: bool = False, seed: int = 0
+    problems: dict[str, Problem] | list[Problem],
+    n_per_problem: int,
+    weaken: bool = False,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Rows `{"id", "sample", "response", "weakening"}` (the apps-eval generations format), cycling
     through each problem's reference solutions; problems without one are skipped."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from wprctl.codeexec.config import ExecConfig
 from wprctl.codeexec.extract import extract_code
 from wprctl.codeexec.problems import Problem
 from wprctl.codeexec.sandbox import Sandbox, probe_isolation
-from wprctl.errors import UserError
+from wprctl.errors import RunError, UserError
 
 # Verdict names and their APPS integers (a timeout is -1 in APPS, like a runtime error).
 VERDICT_CODES = {"pass": 1, "fail": 0, "runtime_error": -1, "timeout": -1, "compile_error": -2}
@@ -104,7 +103,10 @@ class ExecPool:
         self._all = [Sandbox(i, config, hidden) for i in range(config.n_workers)]
         for sb in self._all:
             self._free.put(sb)
-        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return len(self._all)
 
     def __enter__(self) -> ExecPool:
         return self
@@ -128,7 +130,9 @@ class ExecPool:
             self._free.put(sb)
 
 
-def run_sample(sb: Sandbox, problem: Problem, code: str, sample: int, cfg: ExecConfig) -> SampleResult:
+def run_sample(
+    sb: Sandbox, problem: Problem, code: str, sample: int, cfg: ExecConfig
+) -> SampleResult:
     """All tests of one program in one sandbox; restarts the sandbox if its supervisor dies."""
     res = SampleResult(problem.problem_id, sample, difficulty=problem.difficulty)
     t0 = time.monotonic()
@@ -194,7 +198,13 @@ def _judge(header: dict, out: bytes, problem: Problem, index: int, cfg: ExecConf
         if ok:
             return "pass", seconds, None
         shown = repr(actual)
-        return "fail", seconds, "wrong answer: got " + (shown if len(shown) <= 120 else shown[:117] + "...")
+        return (
+            "fail",
+            seconds,
+            "wrong answer: got " + (shown if len(shown) <= 120 else shown[:117] + "..."),
+        )
+    if status == "harness_error":
+        raise RunError(f"the APPS sandbox could not run problem {problem.problem_id}: {error}")
     if status == "output_limit":
         return "fail", seconds, error
     if status in ("timeout", "runtime_error", "compile_error"):
@@ -207,7 +217,9 @@ def check_samples(problems: dict[str, Problem], ids: Iterable[str]) -> None:
     ids = list(dict.fromkeys(ids))
     unknown = [i for i in ids if i not in problems]
     if unknown:
-        shown = ", ".join(unknown[:10]) + (f" (+{len(unknown) - 10} more)" if len(unknown) > 10 else "")
+        shown = ", ".join(unknown[:10]) + (
+            f" (+{len(unknown) - 10} more)" if len(unknown) > 10 else ""
+        )
         raise UserError(
             f"the generations name {len(unknown)} problem id(s) not in the problems: {shown}"
         )
@@ -267,7 +279,7 @@ def evaluate_samples(
                 n_pass += r.all_passed
                 bar.update(task, advance=1, info=f"all tests pass: {n_pass}")
 
-        with ThreadPoolExecutor(max_workers=len(pool._all)) as ex:
+        with ThreadPoolExecutor(max_workers=pool.size) as ex:
             futures = [ex.submit(work, j) for j in range(len(samples))]
             try:
                 for fut in futures:

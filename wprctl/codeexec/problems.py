@@ -89,7 +89,9 @@ def parse_input_output(raw: Any) -> tuple[list[Any], list[Any], str | None]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"expected a JSON object with `inputs` and `outputs`, got {type(raw).__name__}")
+        raise ValueError(
+            f"expected a JSON object with `inputs` and `outputs`, got {type(raw).__name__}"
+        )
     inputs, outputs = raw.get("inputs"), raw.get("outputs")
     if not isinstance(inputs, list) or not isinstance(outputs, list):
         raise ValueError("`inputs` and `outputs` must both be lists")
@@ -127,9 +129,16 @@ def _int_keys(args: list[Any]) -> list[Any]:
     return args
 
 
+BUILTIN_SAMPLES = "builtin:apps-samples"
+BUILTIN_SAMPLES_PATH = Path(__file__).resolve().parents[1] / "assets" / "apps" / "apps_samples.jsonl"
+
+
 def load_problems(source: str | Path, split: str | None = None) -> dict[str, Problem]:
     """Problems by id from a local .jsonl/.json/.parquet file or folder, or a hub id
-    (`codeparrot/apps`, optionally `codeparrot/apps:test`)."""
+    (`codeparrot/apps`, optionally `codeparrot/apps:test`), or `builtin:apps-samples` (the 104
+    real APPS problems shipped with wprctl for the demo)."""
+    if str(source) == BUILTIN_SAMPLES:
+        source = BUILTIN_SAMPLES_PATH
     path = Path(source)
     if path.exists():
         rows = list(_local_rows(path))
@@ -142,7 +151,9 @@ def load_problems(source: str | Path, split: str | None = None) -> dict[str, Pro
     problems: dict[str, Problem] = {}
     for n, (line, row) in enumerate(rows, 1):
         if not isinstance(row, dict):
-            raise UserError(f"{where}: row {line or n}: expected a JSON object, got {type(row).__name__}")
+            raise UserError(
+                f"{where}: row {line or n}: expected a JSON object, got {type(row).__name__}"
+            )
         try:
             p = Problem.from_row(row)
         except ValueError as exc:

@@ -106,10 +106,34 @@ from heapq import *
 """
 
 # Imported once by the supervisor so that each forked test starts warm.
-WARM_MODULES = ["array", "bisect", "collections", "copy", "datetime", "decimal", "fractions", "functools", "heapq", "io", "itertools", "math", "operator", "queue", "random", "re", "statistics", "string", "threading", "time", "typing", "traceback"]
+WARM_MODULES = [
+    "array",
+    "bisect",
+    "collections",
+    "copy",
+    "datetime",
+    "decimal",
+    "fractions",
+    "functools",
+    "heapq",
+    "io",
+    "itertools",
+    "math",
+    "operator",
+    "queue",
+    "random",
+    "re",
+    "statistics",
+    "string",
+    "threading",
+    "time",
+    "typing",
+    "traceback",
+]
 
 _COMPILE_ERROR_EXIT = 0  # compile errors are reported on the result fd, the exit status is moot
 _HARNESS_BUG_EXIT = 113
+_STARTED = b"S"
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
@@ -131,7 +155,9 @@ def _under(path: str, root: str) -> bool:
 
 def _interpreter_dirs() -> list[str]:
     """The directories a program's imports need (interpreter prefixes and sys.path)."""
-    dirs = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, os.path.dirname(sys.executable))}
+    dirs = {
+        os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, os.path.dirname(sys.executable))
+    }
     dirs |= {os.path.realpath(p) for p in sys.path if p and os.path.isdir(p)}
     top = sorted(dirs, key=len)
     return [d for i, d in enumerate(top) if not any(_under(d, e) for e in top[:i])]
@@ -204,6 +230,13 @@ class Supervisor:
             # Orphans of a program then reparent here instead of to the host's init, so the
             # cleanup after each test can reap them.
             _prctl(PR_SET_CHILD_SUBREAPER, 1)
+        if self.uid is not None and not setup.get("mount_ns"):
+            blocked = {_blocking_ancestor(k) for k in _interpreter_dirs()} - {None}
+            if blocked:
+                self.warnings.append(
+                    f"programs run as uid {self.uid} cannot enter {', '.join(sorted(blocked))}, where "
+                    "the interpreter lives: they can only import the modules the supervisor preloads"
+                )
         if self.private_tmp:
             self.base = "/tmp/run"
             os.makedirs(self.base, mode=0o755, exist_ok=True)
@@ -221,6 +254,7 @@ class Supervisor:
         # The program's baseline address space is the supervisor's; the limit is on top of it.
         self.base_vm = _vm_size()
         self.counter = 0
+        self.orphaned = False
 
     def _private_mounts(self, setup: dict) -> None:
         tmp_opts = f"size={int(setup.get('tmp_mb', 256))}m,mode=755"
@@ -307,16 +341,26 @@ class Supervisor:
                 os.close(err_r)
                 os.close(res_r)
                 self.child(job, test, workdir, in_r, out_w, err_w, res_w, timeout)
-            except BaseException:
-                pass
+            except BaseException as exc:
+                # Our failure before the program ran (e.g. setuid refused): say so, so that the
+                # evaluator stops instead of blaming the program.
+                msg = json.dumps({"harness_error": f"{type(exc).__name__}: {exc}"}).encode()
+                for fd in (3, res_w):
+                    with contextlib.suppress(OSError):
+                        write_all(fd, msg)
+                        break
             os._exit(_HARNESS_BUG_EXIT)
         for fd in (in_r, out_w, err_w, res_w):
             os.close(fd)
         try:
-            header, out = self._supervise(pid, job, i, t0, timeout, stdin_data, in_w, out_r, err_r, res_r)
+            header, out = self._supervise(
+                pid, job, i, t0, timeout, stdin_data, in_w, out_r, err_r, res_r
+            )
         finally:
             self._cleanup(pid)
             shutil.rmtree(workdir, ignore_errors=True)
+        if self.orphaned:
+            raise SystemExit(0)  # the evaluator is gone: stop, everything is cleaned up
         return header, out
 
     def _supervise(self, pid, job, i, t0, timeout, stdin_data, in_w, out_r, err_r, res_r):
@@ -329,6 +373,8 @@ class Supervisor:
         for fd in open_fds:
             poller.register(fd, select.POLLIN)
         poller.register(pidfd, select.POLLIN)
+        # Nothing arrives on the control channel during a job unless the evaluator is gone (EOF).
+        poller.register(self.ctrl_in, select.POLLIN)
         pending = memoryview(stdin_data)
         if pending:
             os.set_blocking(in_w, False)
@@ -351,6 +397,10 @@ class Supervisor:
                     break
                 wait_ms = (min(deadline, (exited_at or now) + 0.05) - now) * 1000
                 for fd, ev in poller.poll(max(1, int(wait_ms))):
+                    if fd == self.ctrl_in:
+                        self.orphaned = True
+                        status = "aborted"
+                        break
                     if fd == pidfd:
                         _, wait_status, rusage = os.wait4(pid, 0)
                         exited_at = time.monotonic()
@@ -394,7 +444,10 @@ class Supervisor:
         stderr_tail = bytes(bufs[err_r]).decode("utf-8", "replace")
         result = _parse_result(bytes(bufs[res_r]))
         if status is None:
-            if "compile_error" in result:
+            if "harness_error" in result:
+                status = "harness_error"
+                header["error"] = result["harness_error"]
+            elif "compile_error" in result:
                 status = "compile_error"
                 header["error"] = result["compile_error"]
             elif os.WIFSIGNALED(wait_status):
@@ -408,7 +461,9 @@ class Supervisor:
                 header["exit_code"] = code
             elif job["kind"] == "call" and "return" not in result:
                 status = "runtime_error"
-                header["error"] = result.get("error") or "the function returned nothing we could read"
+                header["error"] = (
+                    result.get("error") or "the function returned nothing we could read"
+                )
             else:
                 status = "ok"
                 if job["kind"] == "call":
@@ -424,6 +479,9 @@ class Supervisor:
         """Kill the test's session and every process it left anywhere in the sandbox, reap them."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
+        self.sweep()
+
+    def sweep(self) -> None:
         if self.pid1:
             # As PID 1 of the namespace, kill(-1) reaches every other process in it and nothing
             # outside it.
@@ -497,6 +555,9 @@ def run_program(job: dict, test: object, workdir: str, preludes: dict) -> None: 
     import types
 
     call = job["kind"] == "call"
+    # From here on the program's text is in play: results that follow this mark cannot claim to be
+    # harness errors (a program could otherwise forge one to abort the whole evaluation).
+    write_all(3, _STARTED)
     sys.stdin = sys.__stdin__ = io.TextIOWrapper(
         io.BufferedReader(io.FileIO(0, "r", closefd=False)),
         encoding="utf-8",
@@ -513,9 +574,11 @@ def run_program(job: dict, test: object, workdir: str, preludes: dict) -> None: 
     )
     path = os.path.join(workdir, "solution.py")
     source = job["code"]
-    with contextlib.suppress(OSError):
-        with open(path, "w", encoding="utf-8", errors="surrogatepass") as fh:
-            fh.write(source)
+    with (
+        contextlib.suppress(OSError),
+        open(path, "w", encoding="utf-8", errors="surrogatepass") as fh,
+    ):
+        fh.write(source)
     try:
         code = compile(source, path, "exec")
     except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError) as exc:
@@ -609,13 +672,19 @@ def _finish(status: int) -> int:  # pragma: no cover - child
 
 
 def _parse_result(data: bytes) -> dict:
+    started = data.startswith(_STARTED)
+    data = data[len(_STARTED) :] if started else data
     if not data:
         return {}
     try:
         obj = json.loads(data)
     except (ValueError, RecursionError):
         return {"error": "unreadable result"}
-    return obj if isinstance(obj, dict) else {"error": "unreadable result"}
+    if not isinstance(obj, dict):
+        return {"error": "unreadable result"}
+    if started:
+        obj.pop("harness_error", None)
+    return obj
 
 
 def _last_line(text: str) -> str:
@@ -650,8 +719,8 @@ def main() -> None:  # pragma: no cover - exercised through the sandbox
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     _prctl(PR_SET_DUMPABLE, 0)  # nothing of ours to ptrace or read through /proc
-    if os.getpid() != 1:
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # No parent-death signal here: when the evaluator dies we see EOF on the control channel and
+    # exit after killing the running test, which a SIGKILL would not let us do.
     frame = recv_frame(ctrl_in)
     if frame is None:
         return
@@ -667,6 +736,7 @@ def main() -> None:  # pragma: no cover - exercised through the sandbox
             "pid1": sup.pid1,
             "uid": sup.uid,
             "private_tmp": sup.private_tmp,
+            "workdir_base": sup.base,
             "warnings": sup.warnings,
         },
     )
@@ -674,6 +744,7 @@ def main() -> None:  # pragma: no cover - exercised through the sandbox
     try:
         sup.serve()
     finally:
+        sup.sweep()
         if not sup.private_tmp:
             shutil.rmtree(sup.base, ignore_errors=True)
 

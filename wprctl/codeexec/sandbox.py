@@ -104,13 +104,12 @@ def probe_isolation(kind: str = "auto") -> Isolation:
             + " and session kills for those."
         )
         if kind == "namespaces":
-            raise RunError(msg.replace("; falling back", ". sandbox=namespaces was asked; not falling back"))
-        log.warning(msg)
-        from wprctl.console import err_console
-
-        err_console.print(f"[yellow]warning:[/] {msg}")
+            raise RunError(
+                msg.replace("; falling back", ". sandbox=namespaces was asked; not falling back")
+            )
+        _warn_once(msg)
     if not uid_drop:
-        log.warning("not running as root: sandboxed programs keep the evaluator's uid")
+        _warn_once("not running as root: sandboxed programs keep the evaluator's uid")
     return Isolation(granted, uid_drop, refused)
 
 
@@ -195,7 +194,7 @@ class Sandbox:
             )
         self.info = info
         for w in info.get("warnings", []):
-            log.warning("sandbox: %s", w)
+            _warn_once(f"sandbox: {w}")
         # stderr was only for start-up failures; the runner has pointed its fd 2 at /dev/null.
         assert self.proc.stderr is not None
         self.proc.stderr.close()
@@ -216,7 +215,9 @@ class Sandbox:
     def run(self, job: dict, watchdog: float):
         """Send one job; yield (header, stdout bytes) per test. Raises TimeoutError/EOFError if the
         supervisor stops answering within `watchdog` seconds of the previous answer."""
-        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        assert (
+            self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        )
         send_json(self.proc.stdin.fileno(), job)
         out_fd = self.proc.stdout.fileno()
         while True:
@@ -241,10 +242,8 @@ class Sandbox:
             with contextlib.suppress(OSError):
                 assert self.proc.stdin is not None
                 send_json(self.proc.stdin.fileno(), {"op": "quit"})
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
         self.kill()
 
     def kill(self) -> None:
@@ -261,3 +260,16 @@ class Sandbox:
                 with contextlib.suppress(Exception):
                     stream.close()
         self.proc = None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg in _WARNED:
+        return
+    _WARNED.add(msg)
+    log.warning(msg)
+    from wprctl.console import err_console
+
+    err_console.print(f"[yellow]warning:[/] {msg}")

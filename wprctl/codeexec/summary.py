@@ -31,8 +31,12 @@ def group_metrics(results: Sequence[SampleResult], ks: Sequence[int]) -> dict[st
         "n_tests": sum(r.total for r in results),
         "pass@k": passk,
         "pass@k_problems": used,
-        "strict_accuracy": mean([mean([float(r.all_passed) for r in rs]) for rs in by_problem.values()]),
-        "test_case_average": mean([mean([r.pass_fraction for r in rs]) for rs in by_problem.values()]),
+        "strict_accuracy": mean(
+            [mean([float(r.all_passed) for r in rs]) for rs in by_problem.values()]
+        ),
+        "test_case_average": mean(
+            [mean([r.pass_fraction for r in rs]) for rs in by_problem.values()]
+        ),
         "mean_reward": mean([r.reward for r in results]),
         "verdicts": dict(Counter(v for r in results for v in r.verdicts)),
     }

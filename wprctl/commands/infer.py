@@ -1,7 +1,95 @@
-"""Placeholder: replaced when this command is built."""
+"""`wprctl infer`: sample responses from a model over a split's prompts and score them."""
 
-from wprctl.commands._stub import stub_module
+from __future__ import annotations
 
-register = stub_module(
-    ("infer", "Batch generation with reward scores."),
-)
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from wprctl.commands.options import DEFAULT_MANIFEST, ManifestOpt, SetOpt
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("infer")
+    def infer(
+        manifest: ManifestOpt = DEFAULT_MANIFEST,
+        set_: SetOpt = None,
+        model: Annotated[
+            str | None,
+            typer.Option(
+                "--model",
+                metavar="PATH|STAGE",
+                help="Policy: a finished stage or variant (e.g. ppo-kl) or a model folder "
+                "(default: the last finished of ppo/dar/sft).",
+            ),
+        ] = None,
+        reward_model: Annotated[
+            str | None,
+            typer.Option(
+                "--reward-model",
+                metavar="PATH|STAGE",
+                help="Reward model: a stage or a folder (default: rm; APPS: test execution).",
+            ),
+        ] = None,
+        split: Annotated[
+            str | None, typer.Option("--split", help="train or eval (default: infer.split).")
+        ] = None,
+        num_samples: Annotated[
+            int | None,
+            typer.Option(
+                "--num-samples", min=1, help="Prompts to run (default: infer.num_samples)."
+            ),
+        ] = None,
+        samples_per_prompt: Annotated[
+            int | None,
+            typer.Option("--samples-per-prompt", min=1, help="Responses per prompt."),
+        ] = None,
+        temperature: Annotated[
+            float | None,
+            typer.Option("--temperature", min=0.0, help="Sampling temperature (0: greedy)."),
+        ] = None,
+        reference: Annotated[
+            bool,
+            typer.Option(
+                "--reference",
+                help="Score the dataset's own chosen responses instead of generating.",
+            ),
+        ] = False,
+        out: Annotated[
+            Path | None,
+            typer.Option(
+                "--out",
+                metavar="FILE.jsonl",
+                help="Output rows (default: <output_dir>/infer/<model>.jsonl); rows already "
+                "there are kept and skipped.",
+            ),
+        ] = None,
+    ) -> None:
+        """Batch generation with reward scores, resumable; ROUGE and reference rewards in a summary.
+
+        Writes JSONL rows {id, prompt, response, reward, sample, model, length, eos, reference,
+        ...} and <out>.summary.json. A rerun continues where a killed run stopped."""
+        from wprctl.console import quiet_library_warnings
+        from wprctl.errors import UserError
+        from wprctl.infer.run import run_infer
+        from wprctl.manifest import InferConfig, load_manifest
+
+        quiet_library_warnings()
+        m = load_manifest(manifest, set_)
+        flags = {
+            "model": model,
+            "reward_model": reward_model,
+            "split": split,
+            "num_samples": num_samples,
+            "samples_per_prompt": samples_per_prompt,
+            "temperature": temperature,
+            # a command-line path is relative to where the user is, not to the manifest
+            "out": str(out.resolve()) if out is not None else None,
+        }
+        given = {k: v for k, v in flags.items() if v is not None}
+        try:
+            cfg = InferConfig.model_validate({**m.infer.model_dump(), **given})
+        except ValueError as exc:  # typer's bounds make this rare
+            raise UserError(f"wprctl infer: {exc}") from None
+        run_infer(m, cfg, reference=reference)

@@ -179,11 +179,11 @@ def register(app: typer.Typer) -> None:
         overrides: SetOpt = None,
     ) -> None:
         """Pairwise LLM judging of two inference files (A's point of view), resumable and cached."""
-        from wprctl.console import console, err_console, make_progress
-        from wprctl.judge.client import ClientSettings
+        from wprctl.console import err_console
         from wprctl.judge.cost import price_for
         from wprctl.judge.io import load_responses, pair_responses
-        from wprctl.judge.run import Runner, RunSettings, estimate, plan, summary_path
+        from wprctl.judge.oracle import serve_builtin
+        from wprctl.judge.run import RunSettings, estimate, plan
         from wprctl.judge.templates import template_for_task
 
         explicit_manifest = manifest != DEFAULT_MANIFEST
@@ -231,51 +231,71 @@ def register(app: typer.Typer) -> None:
             _print_estimate(est, cfg.model)
             return
 
-        api_key = resolve_api_key(cfg.api_key_env, cfg.base_url)
-        client_settings = ClientSettings(
-            base_url=cfg.base_url,
-            api_key=api_key,
-            timeout=cfg.timeout,
-            max_retries=cfg.max_retries,
-            concurrency=cfg.concurrency,
-            requests_per_minute=cfg.requests_per_minute,
-            tokens_per_minute=cfg.tokens_per_minute,
-            backoff_base=cfg.backoff_base,
-            backoff_max=cfg.backoff_max,
+        with serve_builtin(cfg.base_url) as served_url:
+            _judge(cfg, served_url, plans, tmpl, settings, out, cache_path, file_a, file_b, notes)
+
+
+def _judge(
+    cfg: Any,
+    base_url: str | None,
+    plans: Any,
+    tmpl: Any,
+    settings: Any,
+    out: Path,
+    cache_path: Path,
+    file_a: Path,
+    file_b: Path,
+    notes: list[str],
+) -> None:
+    from wprctl.console import console, err_console, make_progress
+    from wprctl.judge.client import ClientSettings
+    from wprctl.judge.run import Runner, summary_path
+
+    api_key = resolve_api_key(cfg.api_key_env, base_url)
+    client_settings = ClientSettings(
+        base_url=base_url,
+        api_key=api_key,
+        timeout=cfg.timeout,
+        max_retries=cfg.max_retries,
+        concurrency=cfg.concurrency,
+        requests_per_minute=cfg.requests_per_minute,
+        tokens_per_minute=cfg.tokens_per_minute,
+        backoff_base=cfg.backoff_base,
+        backoff_max=cfg.backoff_max,
+    )
+    runner = Runner(plans, tmpl, settings, client_settings, out, cache_path)
+    total = sum(len(p.judgements) for p in plans)
+    extra = {
+        "a": str(file_a),
+        "b": str(file_b),
+        "task": cfg.task,
+        "base_url": public_url(cfg.base_url),  # the URL asked for, not a local port
+        "notes": notes,
+    }
+    with make_progress() as bar:
+        task_id = bar.add_task("judging", total=total, info="")
+
+        def progress(n: int, spend: Any) -> None:
+            usd = spend.usd
+            cost = f"${usd:.4f}" if usd is not None else "cost n/a"
+            bar.update(task_id, advance=n, info=f"{spend.requests} new, {cost}")
+
+        result = runner.run(progress, extra_summary=extra)
+    print_summary(result.summary, f"judge: {file_a.name} (A) vs {file_b.name} (B), {cfg.model}")
+    console.print(f"wrote {out} and {summary_path(out)}")
+    if result.fatal:
+        raise RunError(
+            f"the judge API rejected the requests: {result.fatal}. Finished pairs are in {out} "
+            "and cached; fix the cause and rerun the same command to resume."
         )
-        runner = Runner(plans, tmpl, settings, client_settings, out, cache_path)
-        total = sum(len(p.judgements) for p in plans)
-        extra = {
-            "a": str(file_a),
-            "b": str(file_b),
-            "task": cfg.task,
-            "base_url": public_url(cfg.base_url),
-            "notes": notes,
-        }
-        with make_progress() as bar:
-            task_id = bar.add_task("judging", total=total, info="")
-
-            def progress(n: int, spend: Any) -> None:
-                usd = spend.usd
-                cost = f"${usd:.4f}" if usd is not None else "cost n/a"
-                bar.update(task_id, advance=n, info=f"{spend.requests} new, {cost}")
-
-            result = runner.run(progress, extra_summary=extra)
-        print_summary(result.summary, f"judge: {file_a.name} (A) vs {file_b.name} (B), {cfg.model}")
-        console.print(f"wrote {out} and {summary_path(out)}")
-        if result.fatal:
-            raise RunError(
-                f"the judge API rejected the requests: {result.fatal}. Finished pairs are in {out} "
-                "and cached; fix the cause and rerun the same command to resume."
-            )
-        if result.failed:
-            raise RunError(
-                f'{result.failed} pair(s) failed after {cfg.max_retries} retries (status "failed" '
-                f"in {out}, counted in {summary_path(out).name}). Rerun the same command to retry "
-                "them: finished judgements are cached and will not be requested again."
-            )
-        if result.stopped == "max_cost":
-            err_console.print(f"[yellow]warning:[/] {result.summary['stop_message']}")
+    if result.failed:
+        raise RunError(
+            f'{result.failed} pair(s) failed after {cfg.max_retries} retries (status "failed" '
+            f"in {out}, counted in {summary_path(out).name}). Rerun the same command to retry "
+            "them: finished judgements are cached and will not be requested again."
+        )
+    if result.stopped == "max_cost":
+        err_console.print(f"[yellow]warning:[/] {result.summary['stop_message']}")
 
 
 def _with_options(cfg: Any, updates: dict[str, Any]) -> Any:

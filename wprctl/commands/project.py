@@ -8,8 +8,14 @@ from typing import Annotated
 
 import typer
 
-from wprctl.commands._stub import not_yet
-from wprctl.commands.options import DEFAULT_MANIFEST, ForceOpt, JsonOpt, ManifestOpt, SetOpt
+from wprctl.commands.options import (
+    DEFAULT_MANIFEST,
+    ForceOpt,
+    JsonOpt,
+    ManifestOpt,
+    NumProcOpt,
+    SetOpt,
+)
 
 
 def init(
@@ -75,8 +81,38 @@ def status(
     console.print(table)
 
 
+
+
+def run(
+    manifest: ManifestOpt = DEFAULT_MANIFEST,
+    set_: SetOpt = None,
+    from_: Annotated[str | None, typer.Option("--from", help="Start at this stage (a name in `stages`).")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Stop after this stage (a name in `stages`).")] = None,
+    num_processes: NumProcOpt = None,
+) -> None:
+    """Run the manifest's `stages` in order: finished ones are skipped, partial ones resumed, and the
+    first failure stops the run. Named [[variants]] (e.g. PPO with kl and with wpr) get their own
+    output folders. Ends with a summary table."""
+    from wprctl.pipeline import run_pipeline
+
+    run_pipeline(manifest, set_, start=from_, stop=to, num_processes=num_processes)
+
+
+def quickstart(
+    directory: Annotated[Path, typer.Argument(help="Project folder for the demo.")] = Path("wprctl-demo"),
+    small: Annotated[bool, typer.Option("--small", help="A smaller, faster demo (for CI).")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """The embedded demo, offline on a CPU: a tiny model on the demo task, SFT -> RM -> PPO with kl,
+    wpr (paper) and wpr (well-posed) -> inference -> judged by the gold oracle through a local
+    OpenAI-compatible server -> APPS execution -> report."""
+    from wprctl.quickstart import run_quickstart
+
+    run_quickstart(directory, small=small, overrides=set_ or [])
+
+
 def register(app: typer.Typer) -> None:
     app.command("init")(init)
     app.command("status")(status)
-    not_yet(app, "run", "Run the manifest's stages in order.")
-    not_yet(app, "quickstart", "The embedded demo: init demo + run + report.")
+    app.command("run")(run)
+    app.command("quickstart")(quickstart)

@@ -216,6 +216,7 @@ def _wellposed(
     return_value: bool,
     dust_scale: float,
     reservoir: float,
+    reservoir_scale: float,
     dtype: torch.dtype,
 ) -> WPRResult:
     mask = pair.mask
@@ -228,14 +229,15 @@ def _wellposed(
     if "knn_mean" not in g:
         g["knn_mean"] = g["knn_cost"].mean(dim=1)
     lam = (dust_scale * g["knn_mean"][ids]).masked_fill(~valid, 0.0)
+    lam_r = reservoir_scale * float(graph.knn_cost.max())
     out = wellposed_sinkhorn(
-        la, lb, tail_a, tail_b, nb, cost, lam, epsilon, max_iter, tol, reservoir=reservoir
+        la, lb, tail_a, tail_b, nb, cost, lam, lam_r, epsilon, max_iter, tol, reservoir=reservoir
     )
     F, G, FD, GD = out["F"], out["G"], out["FD"], out["GD"]
     slot = pair.action_slot[mask].unsqueeze(1)
     a = la.exp()
     if gauge == "raw":
-        phi = epsilon * (F.gather(1, slot).squeeze(1) - (FD - GD) / 2)
+        phi = epsilon * (F.gather(1, slot).squeeze(1) - (out["FR"] - out["GR"]) / 2)
     else:
         Fz = torch.where(valid, F, torch.zeros_like(F))
         mean_f = (a * Fz).sum(1) + tail_a * FD
@@ -275,6 +277,7 @@ def wpr_potentials(
     return_value: bool = False,
     dust_scale: float = 1.0,
     reservoir: float = 1.0,
+    reservoir_scale: float = 2.0,
     dtype: torch.dtype = torch.float64,
 ) -> WPRResult:
     """WPR penalty phi (B, T) at ``actions`` from full (B, T, V) logits (policy a, reference b).
@@ -299,7 +302,7 @@ def wpr_potentials(
     return wpr_potentials_topk(
         pair, graph, epsilon=epsilon, max_iter=max_iter, tol=tol, gauge=gauge, method=method,
         pad_id=pad_id, eos_id=eos_id, return_value=return_value, dust_scale=dust_scale,
-        reservoir=reservoir, dtype=dtype,
+        reservoir=reservoir, reservoir_scale=reservoir_scale, dtype=dtype,
     )  # fmt: skip
 
 
@@ -317,6 +320,7 @@ def wpr_potentials_topk(
     return_value: bool = False,
     dust_scale: float = 1.0,
     reservoir: float = 1.0,
+    reservoir_scale: float = 2.0,
     dtype: torch.dtype = torch.float64,
 ) -> WPRResult:
     """WPR penalty from the compressed form (see ``compress_topk``); same result fields.
@@ -336,5 +340,6 @@ def wpr_potentials_topk(
         raise UserError(f"WPR: reservoir must be a finite number >= 1, got {reservoir!r}")
     graph.check_underflow(epsilon, torch.float32)
     return _wellposed(
-        pair, graph, epsilon, max_iter, tol, gauge, return_value, dust_scale, reservoir, dtype
+        pair, graph, epsilon, max_iter, tol, gauge, return_value, dust_scale, reservoir,
+        reservoir_scale, dtype,
     )

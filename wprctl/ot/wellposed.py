@@ -97,15 +97,22 @@ def support_neighbours(
     return nb.view(P, S, m), nc.view(P, S, m)
 
 
-def _lse_neighbours(
-    X: torch.Tensor, XD: torch.Tensor, nb_global: torch.Tensor, cn: torch.Tensor, lam: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """LSE over each slot's neighbours and the dust, and the dust's LSE over all slots."""
+def _lse_rows(
+    X: torch.Tensor,
+    XD: torch.Tensor,
+    XR: torch.Tensor,
+    nb_global: torch.Tensor,
+    cn: torch.Tensor,
+    lam: torch.Tensor,
+    lam_r: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LSE of the other side's scaled potentials minus costs, for every slot, the dust, the reservoir."""
     gathered = X.reshape(-1)[nb_global] - cn
-    dust_term = (XD.unsqueeze(-1) - lam).unsqueeze(-1)
-    per_slot = torch.logsumexp(torch.cat([gathered, dust_term], dim=-1), dim=-1)
-    dust = torch.logsumexp(torch.cat([XD.unsqueeze(-1), X - lam], dim=-1), dim=-1)
-    return per_slot, dust
+    extra = torch.stack([XD.unsqueeze(-1) - lam, (XR - lam_r).unsqueeze(-1).expand_as(lam)], -1)
+    per_slot = torch.logsumexp(torch.cat([gathered, extra], dim=-1), dim=-1)
+    dust = torch.logsumexp(torch.cat([torch.stack([XD, XR - lam_r], -1), X - lam], -1), dim=-1)
+    res = torch.logsumexp(torch.cat([torch.stack([XR, XD - lam_r], -1), X - lam_r], -1), dim=-1)
+    return per_slot, dust, res
 
 
 def wellposed_sinkhorn(
@@ -116,6 +123,7 @@ def wellposed_sinkhorn(
     nb: torch.Tensor,
     cost: torch.Tensor,
     dust_cost: torch.Tensor,
+    reservoir_cost: float,
     epsilon: float,
     max_iter: int,
     tol: float,
@@ -124,64 +132,64 @@ def wellposed_sinkhorn(
     """Log-domain Sinkhorn of the module docstring on P positions with S slots each.
 
     ``la``, ``lb`` (P, S): log-masses, -inf on unused slots; ``nb``, ``cost`` (P, S, m) from
-    ``support_neighbours``; ``dust_cost`` (P, S) lambda_i. Returns scaled potentials F, G (P, S),
-    FD, GD (P,), iterations, marginal error and converged flags.
+    ``support_neighbours``; ``dust_cost`` (P, S) lambda_i; ``reservoir_cost`` Lambda. Returns
+    scaled potentials F, G (P, S), FD, GD (dust), FR, GR (reservoir) (P,), iterations, the L1
+    b-marginal error and converged flags.
     """
     P, S = la.shape
     device, dtype = la.device, la.dtype
-    cn_all = cost.to(dtype) / epsilon
-    lam_all = dust_cost.to(dtype) / epsilon
-    laD_all = torch.log(tail_a.to(dtype) + reservoir)
-    lbD_all = torch.log(tail_b.to(dtype) + reservoir)
-    b_all = lb.exp()
-    bD_all = lbD_all.exp()
-    F_out = torch.zeros_like(la)
-    G_out = lb / 2  # u (Ku) = a with K ~ I is solved by f = eps/2 log a: a good start
-    FD_out = torch.zeros(P, dtype=dtype, device=device)
-    GD_out = torch.zeros(P, dtype=dtype, device=device)
+    lam_r = reservoir_cost / epsilon
+    log_rho = math.log(reservoir)
+    state = {
+        "la": la,
+        "lb": lb,
+        "b": lb.exp(),
+        "laD": torch.log(tail_a.to(dtype)),
+        "lbD": torch.log(tail_b.to(dtype)),
+        "cn": cost.to(dtype) / epsilon,
+        "lam": dust_cost.to(dtype) / epsilon,
+        "nb": nb,
+        # u (K u) = a with K ~ I is solved by f = eps/2 log a: a good start
+        "G": lb / 2,
+        "GD": torch.zeros(P, dtype=dtype, device=device),
+        "GR": torch.zeros(P, dtype=dtype, device=device),
+    }
+    names = ("F", "G", "FD", "GD", "FR", "GR")
+    out = {n: torch.zeros(P, S, dtype=dtype, device=device) for n in ("F", "G")}
+    out.update({n: torch.zeros(P, dtype=dtype, device=device) for n in names[2:]})
     iters = torch.zeros(P, dtype=torch.long, device=device)
     err_out = torch.full((P,), math.inf, dtype=dtype, device=device)
     converged = torch.zeros(P, dtype=torch.bool, device=device)
-
     work = torch.arange(P, device=device)
-    G, GD = G_out.clone(), GD_out.clone()
-    la_w, lb_w, b_w, laD, lbD, bD = la, lb, b_all, laD_all, lbD_all, bD_all
-    cn, lam, nb_w = cn_all, lam_all, nb
 
     def nb_global(nb_local: torch.Tensor) -> torch.Tensor:
         n = nb_local.shape[0]
         return nb_local + (torch.arange(n, device=device) * S).view(n, 1, 1)
 
-    nbg = nb_global(nb_w)
+    nbg = nb_global(nb)
+    st = state
     for _ in range(max_iter):
         if work.numel() == 0:
             break
-        L, LD = _lse_neighbours(G, GD, nbg, cn, lam)
-        F, FD = la_w - L, laD - LD
-        Lg, LgD = _lse_neighbours(F, FD, nbg, cn, lam)
-        col = torch.exp(G + Lg)
-        err = torch.nan_to_num((col - b_w).abs(), nan=0.0).sum(-1) + (torch.exp(GD + LgD) - bD).abs()
+        L, LD, LR = _lse_rows(st["G"], st["GD"], st["GR"], nbg, st["cn"], st["lam"], lam_r)
+        F, FD, FR = st["la"] - L, st["laD"] - LD, log_rho - LR
+        Lg, LgD, LgR = _lse_rows(F, FD, FR, nbg, st["cn"], st["lam"], lam_r)
+        G, GD, GR = st["G"], st["GD"], st["GR"]
+        col_err = torch.nan_to_num((torch.exp(G + Lg) - st["b"]).abs(), nan=0.0).sum(-1)
+        dust_err = torch.nan_to_num((torch.exp(GD + LgD) - torch.exp(st["lbD"])).abs(), nan=0.0)
+        err = col_err + dust_err + (torch.exp(GR + LgR) - reservoir).abs()
         iters[work] += 1
-        done = err <= tol
         # a finished position keeps (F, G_old): exact a-marginal, b-marginal within tol
-        F_out[work], FD_out[work], err_out[work] = F, FD, err
-        G_out[work], GD_out[work] = G, GD
+        for n, x in zip(names, (F, G, FD, GD, FR, GR), strict=True):
+            out[n][work] = x
+        err_out[work] = err
+        done = err <= tol
         converged[work[done]] = True
-        G, GD = lb_w - Lg, lbD - LgD
-        keep = ~done
+        st["G"], st["GD"], st["GR"] = st["lb"] - Lg, st["lbD"] - LgD, log_rho - LgR
         if bool(done.any()):
+            keep = ~done
             work = work[keep]
-            G, GD = G[keep], GD[keep]
-            la_w, lb_w, b_w = la_w[keep], lb_w[keep], b_w[keep]
-            laD, lbD, bD = laD[keep], lbD[keep], bD[keep]
-            cn, lam, nb_w = cn[keep], lam[keep], nb_w[keep]
-            nbg = nb_global(nb_w)
-    return {
-        "F": F_out,
-        "G": G_out,
-        "FD": FD_out,
-        "GD": GD_out,
-        "iterations": iters,
-        "marginal_error": err_out,
-        "converged": converged,
-    }
+            st = {n: x[keep] for n, x in st.items()}
+            nbg = nb_global(st["nb"])
+    out.update(iterations=iters, marginal_error=err_out, converged=converged)
+    return out

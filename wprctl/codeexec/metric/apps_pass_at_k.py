@@ -49,7 +49,9 @@ class AppsPassAtK(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references, k=(1, 10), timeout=4.0, mode="strict", workers=None):
+    def _compute(
+        self, predictions, references, k=(1, 10), timeout=4.0, mode="strict", workers=None
+    ):
         problems: dict[str, Problem] = {}
         samples: list[tuple[str, str]] = []
         for i, (cands, ref) in enumerate(zip(predictions, references)):

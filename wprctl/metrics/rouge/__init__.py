@@ -1,0 +1,1 @@
+"""The local `evaluate` module for ROUGE (loaded by path; see rouge.py)."""

@@ -1,0 +1,200 @@
+"""`wprctl run`: the manifest's `stages` in order, each a stage kind or a named variant.
+
+Finished stages are skipped, partial ones resumed from their last checkpoint, and the first
+failure stops the run with the stage's own message. Training stages (sft, rm, ppo, dar) run
+through `wprctl.stages.execute_stage`; evaluation stages (infer, judge, apps-eval, report) run
+their own commands with the variant's overrides as `--set` options and an output under the
+stage's run folder, and are recorded in the lineage like any other stage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wprctl.console import console
+from wprctl.errors import UserError
+from wprctl.manifest import Manifest, load_manifest
+from wprctl.runs import finish_run, prepare_run, read_lineage, run_dir
+
+TRAINING = ("sft", "rm", "ppo", "dar")
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    kind: str
+    status: str  # done | skipped | failed
+    seconds: float
+    metrics: dict[str, float]
+    output: str
+
+
+def select_stages(manifest: Manifest, start: str | None, stop: str | None) -> list[str]:
+    names = list(manifest.stages)
+    for label, value in (("--from", start), ("--to", stop)):
+        if value is not None and value not in names:
+            raise UserError(f"{label} {value!r}: not in the manifest's stages ({', '.join(names)})")
+    i = names.index(start) if start else 0
+    j = names.index(stop) + 1 if stop else len(names)
+    return names[i:j]
+
+
+def _sets(values: dict[str, Any]) -> list[str]:
+    """A variant's overrides as `--set KEY=VALUE` arguments (values written as TOML)."""
+    args = []
+    for key, value in values.items():
+        text = json.dumps(value) if not isinstance(value, str) else json.dumps(value)
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        args += ["--set", f"{key}={text}"]
+    return args
+
+
+def _jsonl_of(manifest: Manifest, ref: str, what: str) -> str:
+    lineage = read_lineage(manifest)
+    if ref in lineage and lineage[ref].get("outputs", {}).get("jsonl"):
+        return lineage[ref]["outputs"]["jsonl"]
+    if Path(ref).exists():
+        return ref
+    raise UserError(f"{what}: {ref!r} is neither a finished inference stage nor a file")
+
+
+def _invoke(args: list[str]) -> None:
+    from wprctl.cli import app
+
+    app(args=args, standalone_mode=False)
+
+
+def _eval_stage(manifest_path: Path, overrides: list[str], base: Manifest, name: str, kind: str) -> dict[str, float]:
+    variant = base.variant(name)
+    m = base.for_variant(name) if variant else base
+    sets = [a for o in overrides for a in ("--set", o)] + _sets(variant.set if variant else {})
+    run, _ = prepare_run(m, name, kind, resume=True, force=False)
+    common = ["-m", str(manifest_path), *sets]
+    outputs: dict[str, str] = {}
+    metrics: dict[str, float] = {}
+    if kind == "infer":
+        out = run.root / "samples.jsonl"
+        _invoke(["infer", *common, "--out", str(out)])
+        outputs["jsonl"] = str(out)
+        metrics = _summary_metrics(out, ("reward_mean", "gold_mean", "length_mean", "rouge1", "rougeL"))
+    elif kind == "judge":
+        if not (m.judge.a and m.judge.b):
+            raise UserError(f"stage {name!r}: a judge stage needs judge.a and judge.b (inference stages or files)")
+        a, b = _jsonl_of(m, m.judge.a, f"{name}: judge.a"), _jsonl_of(m, m.judge.b, f"{name}: judge.b")
+        out = run.root / "judgements.jsonl"
+        _invoke(["judge", a, b, "--out", str(out), *common])
+        outputs["jsonl"] = str(out)
+        metrics = _summary_metrics(out, ("win_rate", "flip_rate", "invalid"))
+    elif kind == "apps-eval":
+        gen = m.apps.generations
+        if not gen:
+            raise UserError(f"stage {name!r}: an apps-eval stage needs apps.generations")
+        problems = m.apps.problems or m.data.path
+        if not problems:
+            raise UserError(f"stage {name!r}: apps-eval needs apps.problems or data.path")
+        if gen in ("reference", "weakened"):
+            from wprctl.codeexec import load_problems, reference_generations
+
+            rows = reference_generations(load_problems(problems), 3, weaken=gen == "weakened", seed=m.project.seed)
+            gen_file = run.root / "generations.jsonl"
+            gen_file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            gen = str(gen_file)
+        else:
+            gen = _jsonl_of(m, gen, f"{name}: apps.generations")
+        out = run.root / "results.jsonl"
+        _invoke(["apps-eval", gen, "--problems", str(problems), "--out", str(out), *common])
+        outputs["jsonl"] = str(out)
+        metrics = _summary_metrics(out, ("strict_accuracy", "test_case_average"))
+    elif kind == "report":
+        _invoke(["report", "-m", str(manifest_path), *[a for o in overrides for a in ("--set", o)]])
+        outputs["report"] = str(m.output_dir / "report")
+    else:  # pragma: no cover - the manifest validates stage kinds
+        raise UserError(f"stage {name!r}: unknown kind {kind!r}")
+    outputs["summary"] = outputs.get("jsonl", "") and str(Path(outputs["jsonl"]).with_name(Path(outputs["jsonl"]).name + ".summary.json"))
+    finish_run(m, run, {k: v for k, v in outputs.items() if v}, metrics)
+    return metrics
+
+
+def _summary_metrics(out: Path, keys: tuple[str, ...]) -> dict[str, float]:
+    path = out.with_name(out.name + ".summary.json")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    found = {}
+    for key in keys:
+        value = data.get(key)
+        if isinstance(value, int | float):
+            found[key] = float(value)
+    if "pass@k" in data:
+        for k, v in data["pass@k"].items():
+            if isinstance(v, int | float):
+                found[f"pass@{k}"] = float(v)
+    return found
+
+
+def run_pipeline(
+    manifest_path: Path,
+    overrides: list[str] | None = None,
+    *,
+    start: str | None = None,
+    stop: str | None = None,
+    num_processes: int | None = None,
+) -> list[StageOutcome]:
+    from wprctl.stages import execute_stage
+
+    overrides = list(overrides or [])
+    base = load_manifest(manifest_path, overrides)
+    outcomes: list[StageOutcome] = []
+    for name in select_stages(base, start, stop):
+        variant = base.variant(name)
+        kind = variant.stage if variant else name
+        run = run_dir(base, name, kind)
+        status = run.status
+        if status == "finished":
+            state = run.state()
+            outcomes.append(StageOutcome(name, kind, "skipped", 0.0, state.get("metrics", {}), _main_output(state)))
+            console.print(f"[dim]{name}: finished earlier, skipped[/]")
+            continue
+        console.rule(f"[bold]{name}[/] ({kind})" + (" — resuming" if status not in ("absent",) else ""))
+        t0 = time.time()
+        try:
+            if kind in TRAINING:
+                metrics = execute_stage(
+                    kind, manifest_path, overrides, variant=name if variant else None,
+                    resume=status != "absent", num_processes=num_processes,
+                ) or {}  # fmt: skip
+            else:
+                metrics = _eval_stage(manifest_path, overrides, base, name, kind)
+        except BaseException:
+            outcomes.append(StageOutcome(name, kind, "failed", time.time() - t0, {}, str(run.root)))
+            print_summary(outcomes)
+            raise
+        state = run_dir(base, name, kind).state()
+        outcomes.append(StageOutcome(name, kind, "done", time.time() - t0, metrics, _main_output(state)))
+    print_summary(outcomes)
+    return outcomes
+
+
+def _main_output(state: dict[str, Any]) -> str:
+    outputs = state.get("outputs", {})
+    return outputs.get("model") or outputs.get("jsonl") or outputs.get("report") or ""
+
+
+def print_summary(outcomes: list[StageOutcome]) -> None:
+    from rich.table import Table
+
+    table = Table(title="wprctl run")
+    for col in ("stage", "kind", "status", "time", "key metrics", "output"):
+        table.add_column(col, overflow="fold")
+    colors = {"done": "green", "skipped": "dim", "failed": "red"}
+    for o in outcomes:
+        shown = {k: v for k, v in o.metrics.items() if not k.endswith("_start")}
+        metrics = ", ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in list(shown.items())[:4])
+        table.add_row(o.name, o.kind, f"[{colors[o.status]}]{o.status}[/]", f"{o.seconds:.0f}s" if o.seconds else "", metrics, o.output)
+    console.print(table)

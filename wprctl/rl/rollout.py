@@ -1,0 +1,138 @@
+"""Sampling responses and scoring them: what PPO, DAR and inference share.
+
+Sequences are `prompt (left-padded) + response (right-padded)`. Position ids are computed from
+the attention mask in every forward pass, exactly as `generate` does, so the log-probabilities
+used for learning are those of the distribution that sampled the tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from wprctl.engine import gathered, unwrap
+from wprctl.scoring import sequence_scores, token_logprobs
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1.0 on response tokens up to and including the first eos, 0.0 after it."""
+    is_eos = (responses == eos_id).long()
+    before_or_at_eos = (is_eos.cumsum(-1) - is_eos) == 0
+    return before_or_at_eos.float()
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    sampling: SamplingConfig,
+    *,
+    pad_id: int,
+    eos_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one response per prompt; returns (responses (B, R) padded with pad_id, mask (B, R))."""
+    module = unwrap(model)
+    kwargs: dict[str, Any] = {
+        "do_sample": sampling.temperature > 0,
+        "max_new_tokens": sampling.max_new_tokens,
+        "pad_token_id": pad_id,
+        "eos_token_id": eos_id,
+    }
+    if sampling.temperature > 0:
+        kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p)
+    if pad_id != eos_id:
+        # A sampled pad token would be indistinguishable from padding for masks and reward pooling.
+        kwargs["suppress_tokens"] = [pad_id]
+    was_training = module.training
+    module.eval()
+    with gathered(model):
+        out = module.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+    module.train(was_training)
+    responses = out[:, prompt_ids.size(1) :]
+    mask = response_mask(responses, eos_id)
+    responses = torch.where(mask.bool(), responses, torch.full_like(responses, pad_id))
+    return responses, mask
+
+
+def join(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)
+
+
+def response_logits(model: Any, seq: torch.Tensor, attn: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Next-token logits at the response positions (B, R, V): logits[t] predicts response token t."""
+    logits = model(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn)).logits
+    return logits[:, prompt_len - 1 : -1]
+
+
+def response_logprobs(model: Any, seq: torch.Tensor, attn: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    return token_logprobs(response_logits(model, seq, attn, prompt_len), seq[:, prompt_len:])
+
+
+def token_values(critic: Any, seq: torch.Tensor, attn: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Per-token values (B, R) of a sequence-classification critic: its score head on every position.
+
+    V[t] is the value of the state before response token t (the same positions as the logits).
+    """
+    module = unwrap(critic)
+    head = getattr(module, "score", None)
+    if head is None:
+        raise TypeError(f"{type(module).__name__} has no `score` head to read per-token values from")
+    hidden = module.base_model(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn)).last_hidden_state
+    values = head(hidden).squeeze(-1)
+    return values[:, prompt_len - 1 : -1].float()
+
+
+# --------------------------------------------------------------------------------------------
+# rewards: a reward model's end score, or the APPS execution reward
+
+RewardFn = Callable[[torch.Tensor, torch.Tensor, list[str], list[str], list[Any]], torch.Tensor]
+
+
+class ModelReward:
+    """The reward model's score at the last non-pad token of prompt + response."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def __call__(self, seq: torch.Tensor, attn: torch.Tensor, prompts: list[str], responses: list[str], examples: list[Any]) -> torch.Tensor:
+        return sequence_scores(self.model, seq, attn).float()
+
+
+class ExecutionReward:
+    """The APPS executor's reward of each decoded response (paper formula; see wprctl.codeexec)."""
+
+    def __init__(self, problems: dict[str, Any], config: Any) -> None:
+        from wprctl.codeexec import ExecPool
+
+        self.problems = problems
+        self.config = config
+        self.pool = ExecPool(config)
+
+    def __call__(self, seq: torch.Tensor, attn: torch.Tensor, prompts: list[str], responses: list[str], examples: list[Any]) -> torch.Tensor:
+        from wprctl.codeexec import execution_reward
+
+        samples = [(str(ex.meta.get("problem_id", ex.id)), text) for ex, text in zip(examples, responses, strict=True)]
+        rewards = execution_reward(self.problems, samples, self.config, pool=self.pool)
+        return torch.tensor(rewards, dtype=torch.float32, device=seq.device)
+
+
+def decode(tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor | None = None) -> list[str]:
+    rows: Sequence[torch.Tensor] = ids if mask is None else [r[m.bool()] for r, m in zip(ids, mask, strict=True)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)

@@ -1,0 +1,438 @@
+"""Stage 3, PPO with a pluggable policy regularizer (the paper's step 3, DeepSpeed-Chat's loop).
+
+Four models, each on its own DeepSpeed engine with its own ZeRO stage and offload:
+the actor (from SFT, trained), the reference (the SFT weights, frozen), the critic (from the RM,
+trained; per-token values from its score head) and the reward model (the RM, frozen). On APPS
+there is no reward model: the reward is the sandboxed executor's (-1 compile error, -0.6 runtime
+error, else -0.3 + 1.3 x the fraction of tests passed).
+
+One step:
+1. generation: `generation_batches` batches of `batch_size` prompts per process, sampled at
+   `temperature` (parameters gathered under ZeRO-3); answers shorter than `min_answer_tokens` are
+   dropped, and if a whole batch is dropped the previous step's experience is reused;
+2. experience: log-probs of the actor and the reference at the sampled tokens, values, the
+   reward model's end score clipped to +-reward_clip and added at the last response token, and the
+   regularizer's per-token term (top-k compressed distributions only, never (B, T, V) logits);
+3. learning: GAE, the clipped policy loss (+ the regularizer's loss term) and the clipped value
+   loss, for `ppo_epochs` passes over mini-batches.
+
+The regularizer is a plug-in (`wprctl.regularizers`); this file does not know which one runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from wprctl import engine as eng
+from wprctl.console import console, is_main_process, make_progress
+from wprctl.data import load_stage_data
+from wprctl.errors import UserError
+from wprctl.manifest import Manifest
+from wprctl.models import load_causal_lm, load_reward_model, tokenizer_for
+from wprctl.regularizers import BetaController, RegBatch, build_regularizer
+from wprctl.rl.ppo_math import (
+    entropy_from_logits,
+    gae,
+    masked_mean,
+    policy_loss,
+    value_loss,
+    whiten,
+)
+from wprctl.rl.rollout import (
+    ExecutionReward,
+    ModelReward,
+    SamplingConfig,
+    decode,
+    generate,
+    join,
+    response_logits,
+    token_values,
+)
+from wprctl.runs import MetricsLogger, RunDir, finish_run, resolve_model_ref
+from wprctl.scoring import token_logprobs
+from wprctl.stages.supervised import epoch_order, rank_slice, to_device
+
+
+@dataclass
+class Experience:
+    seq: torch.Tensor
+    attn: torch.Tensor
+    prompt_len: int
+    responses: torch.Tensor
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def rows(self, idx: torch.Tensor) -> Experience:
+        return Experience(
+            self.seq[idx], self.attn[idx], self.prompt_len, self.responses[idx], self.mask[idx],
+            self.old_logprobs[idx], self.ref_logprobs[idx], self.values[idx],
+            self.advantages[idx], self.returns[idx],
+        )  # fmt: skip
+
+    def reg_batch(self) -> RegBatch:
+        return RegBatch(self.responses, self.mask, self.old_logprobs, self.ref_logprobs)
+
+
+def gold_reward_fn(manifest: Manifest) -> Any | None:
+    """The demo task's gold oracle, when the data has one (for honest held-out figures)."""
+    if manifest.data.dataset != "demo":
+        return None
+    from wprctl.data import oracle_score
+
+    return oracle_score
+
+
+class PPORecipe:
+    def __init__(self, manifest: Manifest, run: RunDir, resuming: bool) -> None:
+        self.m = manifest
+        self.cfg = manifest.ppo
+        self.run = run
+        self.resuming = resuming
+
+    # ----------------------------------------------------------------------------------------
+    # setup
+
+    def setup(self) -> None:
+        m, cfg = self.m, self.cfg
+        eng.init_distributed()
+        eng.seed_everything(m.project.seed)
+        self.world = eng.world_size()
+        self.apps = m.data.dataset == "apps"
+        actor_path = resolve_model_ref(m, cfg.actor or "sft", what="ppo.actor")
+        self.tokenizer = tokenizer_for(m, actor_path)
+        self.pad_id, self.eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        self.train_data = load_stage_data(m, "ppo", "train", self.tokenizer)
+        self.eval_data = load_stage_data(m, "ppo", "eval", self.tokenizer)
+        n = len(self.train_data.dataset)
+        self.batches_per_epoch = n // (cfg.batch_size * self.world)
+        if self.batches_per_epoch < cfg.generation_batches:
+            raise UserError(
+                f"ppo: {n} training prompts are fewer than one step needs (batch_size "
+                f"{cfg.batch_size} x generation_batches {cfg.generation_batches} x {self.world} processes)"
+            )
+        self.total = math.ceil(cfg.epochs * self.batches_per_epoch / cfg.generation_batches)
+        if cfg.max_steps is not None:
+            self.total = min(self.total, cfg.max_steps)
+        self.mini = cfg.mini_batch_size or cfg.batch_size
+        self.n_minibatches = math.ceil(cfg.batch_size * cfg.generation_batches / self.mini)
+        opt_steps = max(1, self.total * cfg.ppo_epochs * self.n_minibatches // cfg.grad_accum)
+        dtype = eng.select_dtype(m.model.dtype)
+
+        def spec(zero: int, offload: bool) -> eng.EngineSpec:
+            return eng.EngineSpec(
+                zero_stage=zero, offload_optimizer=offload, offload_param=offload and zero == 3,
+                micro_batch=self.mini, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, dtype=dtype,
+            )  # fmt: skip
+
+        trust = m.model.trust_remote_code
+        self.actor = eng.init_trainable(
+            load_causal_lm(actor_path, trust_remote_code=trust),
+            spec(cfg.actor_zero_stage, cfg.actor_offload),
+            lr=cfg.actor_lr, weight_decay=cfg.actor_weight_decay, scheduler=cfg.scheduler,
+            warmup_steps=cfg.warmup_steps, total_steps=opt_steps,
+        )  # fmt: skip
+        self.ref = eng.init_frozen(load_causal_lm(actor_path, trust_remote_code=trust), spec(cfg.ref_zero_stage, False))
+        critic_path = resolve_model_ref(m, cfg.critic or ("sft" if self.apps else "rm"), what="ppo.critic")
+        self.critic = eng.init_trainable(
+            load_reward_model(critic_path, pad_token_id=self.pad_id, trust_remote_code=trust),
+            spec(cfg.critic_zero_stage, cfg.critic_offload),
+            lr=cfg.critic_lr, weight_decay=cfg.critic_weight_decay, scheduler=cfg.scheduler,
+            warmup_steps=cfg.warmup_steps, total_steps=opt_steps,
+        )  # fmt: skip
+        if self.apps:
+            from wprctl.codeexec import ExecConfig, load_problems
+
+            source = m.apps.problems or m.data.path
+            if not source:
+                raise UserError("ppo on APPS needs apps.problems or data.path (the problems with their tests)")
+            self.reward_fn: Any = ExecutionReward(load_problems(source), ExecConfig.from_apps(m.apps))
+            self.reward_model = None
+        else:
+            rm_path = resolve_model_ref(m, cfg.reward_model or "rm", what="ppo.reward_model")
+            self.reward_model = eng.init_frozen(
+                load_reward_model(rm_path, pad_token_id=self.pad_id, trust_remote_code=trust),
+                spec(cfg.reward_zero_stage, False),
+            )
+            self.reward_fn = ModelReward(self.reward_model)
+        self.gold = gold_reward_fn(m)
+        self.reg = build_regularizer(cfg.regularizer)
+        with eng.gathered(self.ref):
+            emb = eng.unwrap(self.ref).get_input_embeddings().weight.detach().float().clone()
+        self.reg.setup(
+            ref_embeddings=emb, cache_dir=m.output_dir / ".cache" / "wpr", pad_id=self.pad_id, eos_id=self.eos_id
+        )
+        self.beta = BetaController(cfg.regularizer)
+        self.sampling = SamplingConfig(cfg.max_answer_len, cfg.temperature, cfg.top_k, cfg.top_p)
+        self.step = 0
+        self.last_experience: Experience | None = None
+        if self.resuming and self.run.has_checkpoint():
+            client = eng.load_checkpoint({"actor": self.actor, "critic": self.critic}, self.run.checkpoint_dir)
+            self.step = int(client["step"])
+            self.beta.load_state_dict(client["beta"])
+            console.print(f"{self.run.name}: resumed from step {self.step}")
+
+    # ----------------------------------------------------------------------------------------
+    # rollout and experience
+
+    def prompt_batches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
+        n = len(self.train_data.dataset)
+        for g in range(self.cfg.generation_batches):
+            epoch, within = divmod(step * self.cfg.generation_batches + g, self.batches_per_epoch)
+            idx = rank_slice(epoch_order(n, self.m.project.seed, epoch), within, self.cfg.batch_size)
+            yield to_device(self.train_data.collate([self.train_data.dataset[i] for i in idx]))
+
+    @torch.no_grad()
+    def experience(self, batch: dict[str, torch.Tensor], timers: dict[str, float], stats: dict[str, list[float]]) -> Experience | None:
+        t0 = time.time()
+        responses, mask = generate(self.actor, batch["input_ids"], batch["attention_mask"], self.sampling, pad_id=self.pad_id, eos_id=self.eos_id)
+        timers["time/generation"] += time.time() - t0
+        keep = mask.sum(1) >= self.cfg.min_answer_tokens
+        stats["dropped"].append(float((~keep).sum()))
+        if not keep.any():
+            return None
+        prompt_ids, prompt_mask, responses, mask = (x[keep] for x in (batch["input_ids"], batch["attention_mask"], responses, mask))
+        examples = [self.train_data.examples[int(i)] for i in batch["index"][keep.to(batch["index"].device)]]
+        seq, attn = join(prompt_ids, prompt_mask, responses, mask)
+        P = prompt_ids.size(1)
+
+        t0 = time.time()
+        actor_logits = response_logits(self.actor, seq, attn, P)
+        old_logprobs = token_logprobs(actor_logits, responses)
+        entropy = masked_mean(entropy_from_logits(actor_logits), mask)
+        ref_logits = response_logits(self.ref, seq, attn, P)
+        ref_logprobs = token_logprobs(ref_logits, responses)
+        timers["time/forward"] += time.time() - t0
+        t0 = time.time()
+        topk = None
+        if self.reg.topk:
+            from wprctl.ot import compress_topk
+
+            topk = compress_topk(actor_logits, ref_logits, responses, self.reg.topk, mask=mask.bool())
+        del actor_logits, ref_logits  # only the compressed form outlives this point
+        reg_batch = RegBatch(responses, mask, old_logprobs, ref_logprobs, topk)
+        penalty = self.reg.reward_penalty(reg_batch)
+        divergence = self.reg.divergence(reg_batch)
+        timers["time/regularizer"] += time.time() - t0
+
+        t0 = time.time()
+        values = token_values(self.critic, seq, attn, P) * mask
+        prompts_text = decode(self.tokenizer, prompt_ids, prompt_mask)
+        responses_text = decode(self.tokenizer, responses, mask)
+        score = self.reward_fn(seq, attn, prompts_text, responses_text, examples)
+        score = score.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
+        timers["time/reward"] += time.time() - t0
+
+        rewards = torch.zeros_like(old_logprobs)
+        if penalty is not None:
+            rewards = rewards - self.beta.value * penalty * mask
+        last = (mask.sum(1) - 1).long()
+        rows = torch.arange(rewards.size(0), device=rewards.device)
+        rewards[rows, last] += score
+        advantages, returns = gae(rewards, values, mask, self.cfg.gamma, self.cfg.lam)
+        if self.cfg.whiten_advantages:
+            advantages = whiten(advantages, mask)
+
+        lengths = mask.sum(1)
+        stats["reward"].append(float(score.mean()))
+        stats["penalty"].append(float(masked_mean(penalty, mask)) if penalty is not None else 0.0)
+        stats["divergence"].append(float(divergence.mean()))
+        stats["kl_ref"].append(float(((old_logprobs - ref_logprobs) * mask).sum(1).mean()))
+        stats["length"].append(float(lengths.mean()))
+        stats["entropy"].append(float(entropy))
+        stats["eos_fraction"].append(float((responses == self.eos_id).any(1).float().mean()))
+        if self.gold is not None:
+            stats["gold"].append(sum(self.gold(p, r) for p, r in zip(prompts_text, responses_text, strict=True)) / len(prompts_text))
+        for key, value in self.reg.metrics().items():
+            stats[f"reg/{key}"].append(value)
+        return Experience(seq, attn, P, responses, mask, old_logprobs, ref_logprobs, values, advantages, returns)
+
+    # ----------------------------------------------------------------------------------------
+    # learning
+
+    def learn(self, exp: Experience, stats: dict[str, list[float]]) -> None:
+        n = exp.seq.size(0)
+        for _ in range(self.cfg.ppo_epochs):
+            order = torch.randperm(n)
+            for chunk in torch.tensor_split(order, self.n_minibatches):
+                # A chunk can be empty when answers were dropped; the engines still step so that
+                # gradient-accumulation boundaries stay aligned across steps and processes.
+                mb = exp.rows(chunk.to(exp.seq.device)) if len(chunk) else exp.rows(order[:1].to(exp.seq.device))
+                weight = 1.0 if len(chunk) else 0.0
+                logits = response_logits(self.actor, mb.seq, mb.attn, mb.prompt_len)
+                logprobs = token_logprobs(logits, mb.responses)
+                del logits
+                pg_loss, pg_clip = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, self.cfg.clip_range)
+                loss = pg_loss
+                reg_loss = self.reg.loss_penalty(mb.reg_batch(), logprobs)
+                if reg_loss is not None:
+                    loss = loss + self.beta.value * reg_loss
+                self.actor.backward(loss * weight)
+                self.actor.step()
+                values = token_values(self.critic, mb.seq, mb.attn, mb.prompt_len)
+                v_loss, v_clip = value_loss(values, mb.values, mb.returns, mb.mask, self.cfg.value_clip)
+                self.critic.backward(v_loss * weight)
+                self.critic.step()
+                if weight:
+                    stats["policy_loss"].append(float(pg_loss))
+                    stats["value_loss"].append(float(v_loss))
+                    stats["policy_clipfrac"].append(float(pg_clip))
+                    stats["value_clipfrac"].append(float(v_clip))
+                    if reg_loss is not None:
+                        stats["reg_loss"].append(float(reg_loss))
+
+    # ----------------------------------------------------------------------------------------
+    # held-out evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean reward (and the gold oracle's, on the demo) of sampled answers to held-out prompts."""
+        data = self.eval_data
+        n = min(self.cfg.eval_prompts, len(data.dataset))
+        idx = list(range(eng.rank(), n, self.world))
+        totals = [0.0, 0.0, 0.0, 0.0, 0.0]  # count, reward, gold, length, kl
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.m.project.seed + 7)
+            for i in range(0, len(idx), self.cfg.batch_size):
+                batch = to_device(data.collate([data.dataset[j] for j in idx[i : i + self.cfg.batch_size]]))
+                responses, mask = generate(self.actor, batch["input_ids"], batch["attention_mask"], self.sampling, pad_id=self.pad_id, eos_id=self.eos_id)
+                seq, attn = join(batch["input_ids"], batch["attention_mask"], responses, mask)
+                P = batch["input_ids"].size(1)
+                examples = [data.examples[int(k)] for k in batch["index"]]
+                prompts = decode(self.tokenizer, batch["input_ids"], batch["attention_mask"])
+                texts = decode(self.tokenizer, responses, mask)
+                score = self.reward_fn(seq, attn, prompts, texts, examples)
+                logp = token_logprobs(response_logits(self.actor, seq, attn, P), responses)
+                ref = token_logprobs(response_logits(self.ref, seq, attn, P), responses)
+                totals[0] += len(texts)
+                totals[1] += float(score.sum())
+                if self.gold is not None:
+                    totals[2] += sum(self.gold(p, r) for p, r in zip(prompts, texts, strict=True))
+                totals[3] += float(mask.sum())
+                totals[4] += float(((logp - ref) * mask).sum())
+        count, reward, gold, length, kl = eng.all_reduce_sum(totals)
+        count = max(count, 1.0)
+        out = {"reward": reward / count, "length": length / count, "kl_ref": kl / count}
+        if self.gold is not None:
+            out["gold"] = gold / count
+        return out
+
+    # ----------------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        logger = MetricsLogger(self.run, resume_from_step=self.step if self.resuming else None)
+        start_eval = self.run.state().get("start_eval") if self.step else None
+        if start_eval is None:
+            start_eval = self.evaluate()
+            logger.log(self.step, start_eval, prefix="eval/")
+            self.run.update_state(start_eval=start_eval)
+            if is_main_process():
+                console.print(f"{self.run.name}: held-out before PPO: " + _fmt(start_eval))
+        with make_progress() as progress:
+            bar = progress.add_task(self.run.name, total=self.total, completed=self.step, info="")
+            while self.step < self.total:
+                timers = {"time/generation": 0.0, "time/forward": 0.0, "time/regularizer": 0.0, "time/reward": 0.0, "time/training": 0.0}
+                stats: dict[str, list[float]] = defaultdict(list)
+                experiences = [e for b in self.prompt_batches(self.step) if (e := self.experience(b, timers, stats)) is not None]
+                exp = _concat(experiences, self.pad_id) if experiences else self.last_experience
+                t0 = time.time()
+                if exp is not None:
+                    self.learn(exp, stats)
+                    self.last_experience = exp
+                timers["time/training"] += time.time() - t0
+                self.beta.update(_mean(stats["divergence"]), cfg.batch_size * cfg.generation_batches * self.world)
+                self.step += 1
+                row = {k: _mean(v) for k, v in stats.items() if v}
+                row = dict(zip(row, eng.all_reduce_sum(list(row.values())), strict=True))
+                row = {k: v / self.world for k, v in row.items()}
+                row.update({k: eng.all_reduce_sum([v])[0] / self.world for k, v in timers.items()})
+                row["beta"] = self.beta.value
+                row["lr"] = self.actor.get_lr()[0]
+                if self.step % cfg.log_every == 0 or self.step == self.total:
+                    logger.log(self.step, row, prefix="train/")
+                info = f"reward {row.get('reward', float('nan')):+.3f} kl {row.get('kl_ref', float('nan')):.3f}"
+                if "gold" in row:
+                    info += f" gold {row['gold']:+.3f}"
+                progress.update(bar, completed=self.step, info=info)
+                if self.step % cfg.eval_every == 0 and self.step != self.total:
+                    logger.log(self.step, self.evaluate(), prefix="eval/")
+                if self.step % cfg.save_every == 0 and self.step != self.total:
+                    eng.save_checkpoint(
+                        {"actor": self.actor, "critic": self.critic}, self.run.checkpoint_dir, self.step,
+                        {"beta": self.beta.state_dict()}, cfg.keep_last,
+                    )  # fmt: skip
+        final = self.evaluate()
+        logger.log(self.step, final, prefix="eval/")
+        logger.close()
+        eng.export_hf(self.actor, self.run.model_dir, self.tokenizer)
+        eng.export_hf(self.critic, self.run.root / "critic", self.tokenizer)
+        if is_main_process():
+            console.print(
+                f"{self.run.name}: held-out after PPO: " + _fmt(final) + f"  (before: {_fmt(start_eval)})\n  model: {self.run.model_dir}"
+            )
+        metrics = {f"eval/{k}": v for k, v in final.items()}
+        metrics.update({f"eval/{k}_start": v for k, v in start_eval.items()})
+        metrics["steps"] = float(self.step)
+        finish_run(self.m, self.run, {"model": str(self.run.model_dir), "critic": str(self.run.root / "critic")}, metrics)
+        return metrics
+
+    def close(self) -> None:
+        pool = getattr(self.reward_fn, "pool", None)
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                pool.close()
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _concat(exps: list[Experience], pad_id: int) -> Experience:
+    if len(exps) == 1:
+        return exps[0]
+    import torch.nn.functional as F
+
+    width_p = max(e.prompt_len for e in exps)
+    width_r = max(e.responses.size(1) for e in exps)
+
+    def pad_seq(e: Experience, x: torch.Tensor, value: float) -> torch.Tensor:
+        # prompts are left-padded, responses right-padded
+        left = width_p - e.prompt_len
+        right = width_r - e.responses.size(1)
+        return F.pad(x, (left, right), value=value)
+
+    def pad_resp(e: Experience, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.pad(x, (0, width_r - x.size(1)), value=pad_id if name == "responses" else 0)
+
+    return Experience(
+        torch.cat([pad_seq(e, e.seq, pad_id) for e in exps]),
+        torch.cat([pad_seq(e, e.attn, 0) for e in exps]),
+        width_p,
+        *(torch.cat([pad_resp(e, getattr(e, name), name) for e in exps]) for name in
+          ("responses", "mask", "old_logprobs", "ref_logprobs", "values", "advantages", "returns")),
+    )  # fmt: skip
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def run(manifest: Manifest, run: RunDir, resuming: bool) -> dict[str, float]:
+    recipe = PPORecipe(manifest, run, resuming)
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        recipe.close()
