@@ -56,3 +56,20 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         max_position_embeddings=256,
     )
     return build_tiny_model(cfg, seed=0, out_dir=tmp_path_factory.mktemp("tiny") / "model")
+
+
+# The demo project that several stage tests share: SFT and RM trained once with the demo's own
+# settings (what `wprctl quickstart` runs), so tests check the behaviour users see.
+DEMO_STAGE_SETS: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    res = run_cli("init", str(root), "--template", "demo")
+    assert res.returncode == 0, res.stderr
+    manifest = root / "wprctl.toml"
+    for stage in ("sft", "rm"):
+        res = run_cli(stage, "-m", str(manifest), *DEMO_STAGE_SETS)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return root

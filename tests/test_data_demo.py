@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from wprctl.data import demo_tokenizer_corpus, generate_rows, oracle_breakdown, oracle_score
-from wprctl.data.demo import CONCEPTS, LEXICON, _words
+from wprctl.data.demo import CONCEPTS, LEXICON, POST_WORDS, _words
 from wprctl.data.prompts import tldr_prompt
 
 POST = (
@@ -42,7 +42,7 @@ def test_rows_are_tldr_comparisons_with_small_closed_vocabulary(rows: list[dict]
     assert row["choice"] in (0, 1) and isinstance(row["extra"]["confidence"], int)
     post_lens = [len(_words(r["info"]["post"])) for r in rows]
     sum_lens = [len(_words(s["text"])) for r in rows for s in r["summaries"]]
-    assert min(post_lens) >= 25 and max(post_lens) <= 60
+    assert min(post_lens) >= POST_WORDS[0] and max(post_lens) <= POST_WORDS[1]
     assert 4 <= statistics.median(sum_lens) <= 14
     vocab = {
         w

@@ -71,6 +71,9 @@ def test_same_seed_same_samples_other_seed_other_samples(policy, tok) -> None:
     # the prompt is kept, left-padded, in front of the response
     assert torch.equal(a.sequences[:, : batch["input_ids"].size(1)], batch["input_ids"])
     assert a.response_ids.size(1) <= 12
+    width = batch["input_ids"].size(1)
+    assert torch.equal(a.attention_mask[:, :width], batch["attention_mask"])
+    assert torch.equal(a.attention_mask[:, width:], a.response_mask)
 
 
 def test_greedy_ignores_the_seed(policy, tok) -> None:

@@ -17,6 +17,7 @@ import torch
 from tests.conftest import run_cli
 from wprctl.cli import main
 from wprctl.data.loading import clear_cache
+from wprctl.errors import UserError
 from wprctl.infer.run import run_infer
 from wprctl.manifest import load_manifest
 
@@ -120,6 +121,9 @@ def test_partial_batch_and_torn_line_are_made_again(
     other = infer(project, *sets, "infer.out=other.jsonl", "infer.seed=7")
     ours = [json.loads(x)["response"] for x in lines]
     assert [json.loads(x)["response"] for x in other.out.read_text().splitlines()] != ours
+    # rows made with other settings are never mixed into one file
+    with pytest.raises(UserError, match=r"other settings \(temperature: 0\.8 -> 0\.5\)"):
+        infer(project, *sets, "infer.temperature=0.5")
 
 
 def test_rows_and_summary(project: Path, tiny_model_dir: Path, rm_dir: Path) -> None:
@@ -208,6 +212,8 @@ def test_bad_input_exits_2(project: Path, tiny_model_dir: Path, rm_dir: Path, ca
     assert code == 2 and "'no-such-model' is neither a finished stage" in err
     code, err = exit_code(capsys, "infer", *m, "--model", "ppo-kl", "--reward-model", str(rm_dir))
     assert code == 2 and "stage 'ppo-kl' has no finished output" in err
+    code, err = exit_code(capsys, "infer", *m, "--num-samples", "0", "--temperature", "-1")
+    assert code == 2 and "--num-samples 0" in err and "--temperature -1" in err
     code, err = exit_code(capsys, "infer", *m, "--model", str(tiny_model_dir), "--split", "test")
     assert code == 2 and "unknown split 'test'" in err
     code, err = exit_code(capsys, "infer", *m, "--model", str(tiny_model_dir))
@@ -221,3 +227,28 @@ def test_bad_input_exits_2(project: Path, tiny_model_dir: Path, rm_dir: Path, ca
     proc = run_cli("infer", *m, "--reward-model", str(rm_dir))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "no finished sft, ppo or dar run" in " ".join(proc.stderr.split())
+
+
+def test_apps_rewards_come_from_executing_the_tests(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from wprctl.codeexec import ExecConfig, execution_reward, load_problems
+
+    apps = Path(__file__).parent / "fixtures" / "apps" / "apps.jsonl"
+    manifest = tmp_path / "wprctl.toml"
+    manifest.write_text(
+        f'[model]\nbase = "{tiny_model_dir}"\n[data]\ndataset = "apps"\npath = "{apps}"\n'
+        '[infer]\nsplit = "train"\nnum_samples = 2\nmax_new_tokens = 4\nbatch_size = 2\n'
+    )
+    clear_cache()
+    ref = infer(manifest, reference=True)
+    rows = [json.loads(x) for x in ref.out.read_text().splitlines()]
+    # the fixture's first reference solutions pass every test: -0.3 + 1.3 x 1.0
+    assert [r["reward"] for r in rows] == [pytest.approx(1.0)] * 2
+    assert all(r["id"] == str(r["problem_id"]) for r in rows)  # what apps-eval reads
+    gen = infer(manifest, f"infer.model={tiny_model_dir}")
+    rows = [json.loads(x) for x in gen.out.read_text().splitlines()]
+    want = execution_reward(
+        load_problems(apps), [(r["id"], r["response"]) for r in rows], ExecConfig()
+    )
+    assert [r["reward"] for r in rows] == pytest.approx(want)
+    assert gen.summary["reference_reward_mean"] == pytest.approx(1.0)
+    assert gen.summary["rouge1"] is None

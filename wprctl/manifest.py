@@ -240,6 +240,11 @@ class DARConfig(Section):
     save_every: int = Field(50, ge=1)
     keep_last: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="answers per forward/backward (default: the iteration's all)"
+    )
+    eval_every: int = Field(50, ge=1, description="held-out evaluation every N iterations")
+    eval_prompts: int = Field(64, ge=1, description="held-out prompts per evaluation")
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,17 +37,15 @@ def register(app: typer.Typer) -> None:
         ] = None,
         num_samples: Annotated[
             int | None,
-            typer.Option(
-                "--num-samples", min=1, help="Prompts to run (default: infer.num_samples)."
-            ),
+            typer.Option("--num-samples", help="Prompts to run (default: infer.num_samples)."),
         ] = None,
         samples_per_prompt: Annotated[
             int | None,
-            typer.Option("--samples-per-prompt", min=1, help="Responses per prompt."),
+            typer.Option("--samples-per-prompt", help="Responses per prompt."),
         ] = None,
         temperature: Annotated[
             float | None,
-            typer.Option("--temperature", min=0.0, help="Sampling temperature (0: greedy)."),
+            typer.Option("--temperature", help="Sampling temperature (0: greedy)."),
         ] = None,
         reference: Annotated[
             bool,
@@ -70,6 +68,8 @@ def register(app: typer.Typer) -> None:
 
         Writes JSONL rows {id, prompt, response, reward, sample, model, length, eos, reference,
         ...} and <out>.summary.json. A rerun continues where a killed run stopped."""
+        from pydantic import ValidationError
+
         from wprctl.console import quiet_library_warnings
         from wprctl.errors import UserError
         from wprctl.infer.run import run_infer
@@ -90,6 +90,10 @@ def register(app: typer.Typer) -> None:
         given = {k: v for k, v in flags.items() if v is not None}
         try:
             cfg = InferConfig.model_validate({**m.infer.model_dump(), **given})
-        except ValueError as exc:  # typer's bounds make this rare
-            raise UserError(f"wprctl infer: {exc}") from None
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"--{str(e['loc'][0]).replace('_', '-')} {e['input']!r}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise UserError(f"wprctl infer: {problems}") from None
         run_infer(m, cfg, reference=reference)

@@ -1,7 +1,7 @@
 """The demo task: synthetic "summarize a post" data with preferences and a known gold oracle.
 
 What it is
-    Short Reddit-like posts (25-60 words, lower case) about one incident: *someone did something
+    Short Reddit-like posts (12-40 words, lower case) about one incident: *someone did something
     to my thing some time ago, and I feel a certain way*, padded with neutral filler sentences,
     sentences that restate a fact with a synonym, and "aside" sentences about other people and
     things. A summary (4-14 words) should say who did what to which thing, when, and how the
@@ -76,6 +76,8 @@ SLOT_WEIGHTS = {
     "feeling": 1.0,
 }
 LENGTH_BUDGET = 14
+# Short posts: a tiny model must learn to copy facts from them within a few hundred SFT steps.
+POST_WORDS = (12, 40)
 
 # slot -> concept -> synonyms (first = canonical). Single words only, so matching is by word.
 CONCEPTS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -422,11 +424,11 @@ def _make_post(rng: random.Random) -> tuple[_Scenario, str, str, str]:
     for _attempt in range(50):
         sc.minor = []
         body = [fill(rng.choice(_KEY_SENTENCES)), fill(rng.choice(_FEELING_SENTENCES))]
-        for t in rng.sample(_RESTATE_SENTENCES, rng.randint(0, 2)):
+        for t in rng.sample(_RESTATE_SENTENCES, rng.randint(0, 1)):
             body.append(fill(t))
-        body += rng.sample(_FILLERS, rng.randint(1, 3))
+        body += rng.sample(_FILLERS, rng.randint(0, 1))
         asides = []
-        for _ in range(rng.choice((0, 1, 1, 2))):
+        for _ in range(rng.choice((0, 1))):
             m = {
                 s: _other(rng, s, key[s]) for s in ("person", "action", "object", "unit", "feeling")
             }
@@ -446,7 +448,7 @@ def _make_post(rng: random.Random) -> tuple[_Scenario, str, str, str]:
         rng.shuffle(rest)
         sentences = [body[0], *rest, rng.choice(_ASKS)]
         post = " ".join(sentences)
-        if 25 <= len(_words(post)) <= 60:
+        if POST_WORDS[0] <= len(_words(post)) <= POST_WORDS[1]:
             break
     title = fill("my {P} {A} my {O}")
     subreddit = _SUBREDDITS.get(key["object"]) or rng.choice(_GENERIC_SUBREDDITS)

@@ -50,13 +50,14 @@ class SamplingConfig:
 class Generation:
     """One batch of responses. Row i of every field belongs to prompt row i of the batch.
 
-    `sequences` is prompt + response as generated (left-padded prompt, pad after the response);
-    `response_ids` is the response part, and `response_mask` marks its tokens up to and including
-    the first eos. `lengths` counts response tokens without that eos; `eos` says whether the
+    `sequences` is prompt + response as generated (left-padded prompt, pad after the response)
+    and `attention_mask` its real tokens; `response_ids` is the response part, and
+    `response_mask` marks its tokens up to and including the first eos. `lengths` counts response tokens without that eos; `eos` says whether the
     response ended with eos (False: cut at max_new_tokens).
     """
 
     sequences: torch.Tensor
+    attention_mask: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     lengths: list[int]
@@ -97,6 +98,9 @@ def generation_config(cfg: SamplingConfig, tokenizer: Any) -> Any:
             "top_p": cfg.top_p,
         }
     )
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+        # A sampled pad token would be indistinguishable from padding for masks and reward pooling.
+        sampling["suppress_tokens"] = [tokenizer.pad_token_id]
     return GenerationConfig(
         max_new_tokens=cfg.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
@@ -163,4 +167,5 @@ def generate(
         for row, n in zip(ids, lengths, strict=True)
     ]
     sequences = torch.cat([input_ids, ids], dim=1)
-    return Generation(sequences, ids, mask, lengths, eos, texts)
+    full_mask = torch.cat([attention_mask.long(), mask], dim=1)
+    return Generation(sequences, full_mask, ids, mask, lengths, eos, texts)

@@ -260,178 +260,249 @@ def run_infer(
     manifest: Manifest, cfg: InferConfig | None = None, *, reference: bool = False
 ) -> InferResult:
     """Generate (or take the references), score, append to the output, summarize."""
-    from wprctl.console import console, err_console, make_progress
-
     cfg = cfg or manifest.infer
     _quiet_loading()
+    with contextlib.ExitStack() as stack:
+        plan = _plan(manifest, cfg, reference, stack)
+        existing = read_rows(plan.out)
+        check_settings(plan.out, plan.settings, has_rows=bool(existing))
+        written, ref_mean = _execute(manifest, cfg, plan, {row_key(r) for r in existing})
+    rows = canonical_order(plan.out, existing + written, plan.keys)
+    wanted = set(plan.keys)
+    summary = _summarize(manifest, plan, [r for r in rows if row_key(r) in wanted], ref_mean)
+    from wprctl.console import console
+    from wprctl.judge.io import write_json_atomic
+
+    write_json_atomic(plan.out.with_name(plan.out.name + ".summary.json"), summary)
+    print_summary(summary, title=f"infer {plan.label}: {plan.split} split, {summary['n']} rows")
+    console.print(f"wrote {plan.out} ({len(written)} new rows) and {plan.out.name}.summary.json")
+    return InferResult(out=plan.out, summary=summary, written=len(written), kept=len(existing))
+
+
+@dataclass
+class _Plan:
+    """Everything decided before the first batch runs."""
+
+    split: str
+    reference: bool
+    label: str
+    policy_path: Path | None
+    examples: list[Example]
+    data: Any  # StageData of tokenized prompts (None for --reference)
+    tokenizer: Any
+    scorer: Any
+    picked: list[int]  # example indices, in order
+    units: list[Unit]
+    out: Path
+    settings: dict[str, Any]
+
+    @property
+    def keys(self) -> list[tuple[str, int]]:
+        return [self.key(u) for u in self.units]
+
+    def key(self, unit: Unit) -> tuple[str, int]:
+        return self.examples[unit[0]].id, unit[1]
+
+
+def _plan(
+    manifest: Manifest, cfg: InferConfig, reference: bool, stack: contextlib.ExitStack
+) -> _Plan:
+    from wprctl.console import err_console
+    from wprctl.data import load_stage_data, stage_examples
+    from wprctl.models import tokenizer_for
+    from wprctl.runs import resolve_model_ref
+
     split = check_split(cfg.split)
     dataset = manifest.data.dataset
-    with contextlib.ExitStack() as stack:
-        # examples first (cheap, and a data problem should surface before any model loads)
-        from wprctl.data import stage_examples
+    # the data first: a data problem should surface before any model loads
+    examples = stage_examples(manifest, "infer", split)
+    policy_path: Path | None = None
+    label = "reference"
+    if not reference:
+        ref = cfg.model or default_policy(manifest)
+        policy_path = resolve_model_ref(manifest, ref, what="infer.model")
+        label = model_label(manifest, ref, policy_path)
+    scorer, score_tokenizer = make_scorer(manifest, cfg, examples, stack)
+    data = None
+    if reference:
+        tokenizer = score_tokenizer or tokenizer_for(manifest)
+    else:
+        tokenizer = tokenizer_for(manifest, policy_path)
+        data = load_stage_data(manifest, "infer", split, tokenizer)
+        examples = data.examples
 
-        examples = stage_examples(manifest, "infer", split)
-        if reference:
-            label, policy_path = "reference", None
-        else:
-            from wprctl.runs import resolve_model_ref
+    candidates = [i for i in usable(examples, scorer) if not reference or examples[i].chosen]
+    if not candidates:
+        raise UserError(
+            f"the {split} split of data.dataset = {dataset!r} has no prompts to run"
+            + (" with a reference response" if reference else "")
+        )
+    if dataset == "apps" and len(candidates) < len(examples):
+        n = len(examples) - len(candidates)
+        err_console.print(f"[yellow]note:[/] {n} problem(s) without usable tests left out")
+    picked = candidates[: cfg.num_samples]
+    if len(picked) < cfg.num_samples:
+        err_console.print(
+            f"[yellow]note:[/] the {split} split has {len(picked)} usable prompts "
+            f"(num_samples = {cfg.num_samples}); using all of them"
+        )
+    per_prompt = 1 if reference else cfg.samples_per_prompt
+    out = Path(cfg.out) if cfg.out else default_out(manifest, label, split)
+    if not out.is_absolute():
+        out = manifest.root / out
+    settings = {
+        "model": label,
+        "model_path": str(policy_path.resolve()) if policy_path else None,
+        "scorer": scorer.identity,
+        "split": split,
+        "data": _digest([manifest.data.model_dump(mode="json"), manifest.project.seed]),
+        "reference": reference,
+        "seed": cfg.seed,
+        "samples_per_prompt": per_prompt,
+        "batch_size": cfg.batch_size,
+    }
+    if not reference:
+        settings.update(
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+    return _Plan(
+        split=split,
+        reference=reference,
+        label=label,
+        policy_path=policy_path,
+        examples=examples,
+        data=data,
+        tokenizer=tokenizer,
+        scorer=scorer,
+        picked=picked,
+        units=[(i, k) for i in picked for k in range(per_prompt)],
+        out=out,
+        settings=settings,
+    )
 
-            ref = cfg.model or default_policy(manifest)
-            policy_path = resolve_model_ref(manifest, ref, what="infer.model")
-            label = model_label(manifest, ref, policy_path)
-        scorer, score_tokenizer = make_scorer(manifest, cfg, examples, stack)
 
-        if reference:
-            from wprctl.models import tokenizer_for
+def _execute(
+    manifest: Manifest, cfg: InferConfig, plan: _Plan, done: set[tuple[str, int]]
+) -> tuple[list[dict[str, Any]], float | None]:
+    """Run the batches that miss a row; then the reference rewards. (new rows, ref mean)"""
+    from wprctl.console import console, make_progress
 
-            tokenizer = score_tokenizer or tokenizer_for(manifest)
-            data = None
-        else:
-            from wprctl.data import load_stage_data
-            from wprctl.models import tokenizer_for
+    batches = list(chunks(plan.units, cfg.batch_size))
+    todo = [(b, bt) for b, bt in enumerate(batches) if any(plan.key(u) not in done for u in bt)]
+    n_missing = sum(plan.key(u) not in done for u in plan.units)
+    if n_missing < len(plan.units):
+        console.print(
+            f"{plan.out}: {len(plan.units) - n_missing} of {len(plan.units)} rows already "
+            "there; resuming"
+        )
+    model = None
+    if todo and not plan.reference:
+        from wprctl.engine import device, select_dtype
+        from wprctl.models import load_causal_lm
 
-            tokenizer = tokenizer_for(manifest, policy_path)
-            data = load_stage_data(manifest, "infer", split, tokenizer)
-            examples = data.examples
+        model = load_causal_lm(
+            plan.policy_path,
+            dtype=select_dtype(manifest.model.dtype),
+            trust_remote_code=manifest.model.trust_remote_code,
+        )
+        model.to(device()).eval()
 
-        candidates = [i for i in usable(examples, scorer) if not reference or examples[i].chosen]
-        dropped = len(examples) - len(candidates)
-        if not candidates:
-            raise UserError(
-                f"{split} split of data.dataset = {dataset!r}: no prompts to run"
-                + (" with a reference response" if reference else "")
+    written: list[dict[str, Any]] = []
+    ref_mean = None
+    total = len(plan.units)
+    with make_progress() as progress:
+        task = progress.add_task(
+            f"infer {plan.label}", total=total, completed=total - n_missing, info=""
+        )
+        meter = _Meter()
+        for b, batch in todo:
+            rows = _run_batch(manifest, cfg, plan, model, b, batch, done)
+            append_rows(plan.out, rows)
+            written.extend(rows)
+            meter.add(rows)
+            progress.update(task, advance=len(rows), info=meter.info())
+        if not plan.reference:
+            refs = [plan.examples[i] for i in plan.picked if plan.examples[i].chosen is not None]
+            ref_task = progress.add_task("reference rewards", total=len(refs), info="")
+            scores = reference_rewards(
+                manifest,
+                plan.split,
+                plan.scorer,
+                refs,
+                cfg.batch_size,
+                on_batch=lambda n: progress.advance(ref_task, n),
             )
-        picked = candidates[: cfg.num_samples]
-        per_prompt = 1 if reference else cfg.samples_per_prompt
-        units: list[Unit] = [(i, k) for i in picked for k in range(per_prompt)]
-        batches = list(chunks(units, cfg.batch_size))
+            progress.update(ref_task, completed=len(refs))
+            ref_mean = sum(scores.values()) / len(scores) if scores else None
+    return written, ref_mean
 
-        out = Path(cfg.out) if cfg.out else default_out(manifest, label, split)
-        if not out.is_absolute():
-            out = manifest.root / out
-        existing = read_rows(out)
-        settings = {
-            "model": label,
-            "model_path": str(Path(policy_path).resolve()) if policy_path else None,
-            "scorer": scorer.identity,
-            "split": split,
-            "data": _digest([manifest.data.model_dump(mode="json"), manifest.project.seed]),
-            "reference": reference,
-            "seed": cfg.seed,
-            "samples_per_prompt": per_prompt,
-            "batch_size": cfg.batch_size,
-            **(
-                {}
-                if reference
-                else {
-                    "temperature": cfg.temperature,
-                    "top_k": cfg.top_k,
-                    "top_p": cfg.top_p,
-                    "max_new_tokens": cfg.max_new_tokens,
-                }
-            ),
-        }
-        check_settings(out, settings, has_rows=bool(existing))
-        done = {row_key(r) for r in existing}
 
-        def unit_key(u: Unit) -> tuple[str, int]:
-            return examples[u[0]].id, u[1]
+def _run_batch(
+    manifest: Manifest,
+    cfg: InferConfig,
+    plan: _Plan,
+    model: Any,
+    b: int,
+    batch: Sequence[Unit],
+    done: set[tuple[str, int]],
+) -> list[dict[str, Any]]:
+    """The rows of batch `b` that are not in `done`."""
+    exs = [plan.examples[i] for i, _ in batch]
+    if plan.reference:
+        texts = [ex.chosen or "" for ex in exs]
+        lengths = [len(plan.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        eos = [True] * len(texts)
+    else:
+        from wprctl.infer.generation import SamplingConfig, batch_seed, generate
 
-        todo = [
-            (b, batch)
-            for b, batch in enumerate(batches)
-            if any(unit_key(u) not in done for u in batch)
-        ]
-        n_missing = sum(unit_key(u) not in done for u in units)
-        if dropped and dataset == "apps":
-            err_console.print(f"[yellow]note:[/] {dropped} problem(s) without usable tests left out")
-        if len(picked) < cfg.num_samples:
-            err_console.print(
-                f"[yellow]note:[/] the {split} split has {len(picked)} usable prompts "
-                f"(num_samples = {cfg.num_samples}); using all of them"
-            )
-        if n_missing < len(units):
-            console.print(
-                f"{out}: {len(units) - n_missing} of {len(units)} rows already there; resuming"
-            )
+        # the whole batch is sampled again even when only some of its rows are missing, so
+        # that those rows come out exactly as in an uninterrupted run
+        gen = generate(
+            model,
+            plan.tokenizer,
+            plan.data.collate([plan.data.dataset[i] for i, _ in batch]),
+            SamplingConfig.from_section(cfg),
+            seed=batch_seed(cfg.seed, b),
+        )
+        texts, lengths, eos = gen.texts, gen.lengths, gen.eos
+    # scored whole too: batched scores differ from unbatched ones in the last bits
+    rewards = plan.scorer(exs, texts)
+    return [
+        make_row(
+            exs[j],
+            unit[1],
+            texts[j],
+            rewards[j],
+            label=plan.label,
+            length=lengths[j],
+            eos=eos[j],
+            dataset=manifest.data.dataset,
+        )
+        for j, unit in enumerate(batch)
+        if plan.key(unit) not in done
+    ]
 
-        model = None
-        if todo and not reference:
-            from wprctl.engine import device, select_dtype
-            from wprctl.models import load_causal_lm
 
-            model = load_causal_lm(
-                policy_path,
-                dtype=select_dtype(manifest.model.dtype),
-                trust_remote_code=manifest.model.trust_remote_code,
-            )
-            model.to(device()).eval()
-
-        written: list[dict[str, Any]] = []
-        with make_progress() as progress:
-            task = progress.add_task(
-                f"infer {label}", total=len(units), completed=len(units) - n_missing, info=""
-            )
-            meter = _Meter()
-            for b, batch in todo:
-                rows = _run_batch(
-                    b,
-                    batch,
-                    examples,
-                    data,
-                    model,
-                    tokenizer,
-                    scorer,
-                    cfg,
-                    done,
-                    unit_key,
-                    label=label,
-                    dataset=dataset,
-                    reference=reference,
-                )
-                append_rows(out, rows)
-                written.extend(rows)
-                meter.add(rows)
-                progress.update(task, advance=len(rows), info=meter.info())
-
-            rows_all = existing + written
-            ref_mean = None
-            if not reference:
-                ref_examples = [examples[i] for i in picked if examples[i].chosen is not None]
-                ref_task = progress.add_task("reference rewards", total=len(ref_examples), info="")
-                ref = reference_rewards(
-                    manifest,
-                    split,
-                    scorer,
-                    ref_examples,
-                    cfg.batch_size,
-                    on_batch=lambda n: progress.advance(ref_task, n),
-                )
-                progress.update(ref_task, completed=len(ref_examples))
-                ref_mean = sum(ref.values()) / len(ref) if ref else None
-
-    rows_all = canonical_order(out, rows_all, [unit_key(u) for u in units])
-    wanted = {unit_key(u) for u in units}
-    rows = [r for r in rows_all if row_key(r) in wanted]
-    summary: dict[str, Any] = {**row_figures(rows)}
-    if dataset in SUMMARY_TASKS and not reference:
+def _summarize(
+    manifest: Manifest, plan: _Plan, rows: list[dict[str, Any]], ref_mean: float | None
+) -> dict[str, Any]:
+    summary: dict[str, Any] = row_figures(rows)
+    if manifest.data.dataset in SUMMARY_TASKS and not plan.reference:
         summary.update(rouge_figures(rows))
     else:
         summary.update({"rouge1": None, "rouge2": None, "rougeL": None})
-    summary["reference_reward_mean"] = summary["reward_mean"] if reference else ref_mean
+    summary["reference_reward_mean"] = summary["reward_mean"] if plan.reference else ref_mean
     summary.update(
-        model=label,
-        scorer=scorer.identity.split(":")[0],
-        split=split,
-        out=str(out),
-        settings=settings,
+        model=plan.label,
+        scorer=plan.scorer.identity.split(":")[0],
+        split=plan.split,
+        out=str(plan.out),
+        settings=plan.settings,
     )
-    from wprctl.judge.io import write_json_atomic
-
-    write_json_atomic(out.with_name(out.name + ".summary.json"), summary)
-    print_summary(summary, title=f"infer {label}: {split} split, {len(rows)} rows")
-    console.print(f"wrote {out} ({len(written)} new rows) and {out.name}.summary.json")
-    return InferResult(out=out, summary=summary, written=len(written), kept=len(existing))
+    return summary
 
 
 def _quiet_loading() -> None:
@@ -453,59 +524,6 @@ def canonical_order(
         rows = [rows[j] for j in ranked]
         write_jsonl_atomic(out, rows)
     return rows
-
-
-def _run_batch(
-    b: int,
-    batch: Sequence[Unit],
-    examples: Sequence[Example],
-    data: Any,
-    model: Any,
-    tokenizer: Any,
-    scorer: Any,
-    cfg: InferConfig,
-    done: set[tuple[str, int]],
-    unit_key: Any,
-    *,
-    label: str,
-    dataset: str,
-    reference: bool,
-) -> list[dict[str, Any]]:
-    exs = [examples[i] for i, _ in batch]
-    if reference:
-        texts = [ex.chosen or "" for ex in exs]
-        lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        eos = [True] * len(texts)
-    else:
-        from wprctl.infer.generation import SamplingConfig, batch_seed, generate
-
-        # the whole batch is sampled again even when only some of its rows are missing, so
-        # that those rows come out exactly as in an uninterrupted run
-        features = [data.dataset[i] for i, _ in batch]
-        gen = generate(
-            model,
-            tokenizer,
-            data.collate(features),
-            SamplingConfig.from_section(cfg),
-            seed=batch_seed(cfg.seed, b),
-        )
-        texts, lengths, eos = gen.texts, gen.lengths, gen.eos
-    # scored whole too: batched scores differ from unbatched ones in the last bits
-    rewards = scorer(exs, texts)
-    return [
-        make_row(
-            exs[j],
-            batch[j][1],
-            texts[j],
-            rewards[j],
-            label=label,
-            length=lengths[j],
-            eos=eos[j],
-            dataset=dataset,
-        )
-        for j, u in enumerate(batch)
-        if unit_key(u) not in done
-    ]
 
 
 class _Meter:

@@ -229,7 +229,12 @@ def _wellposed(
     if "knn_mean" not in g:
         g["knn_mean"] = g["knn_cost"].mean(dim=1)
     lam = (dust_scale * g["knn_mean"][ids]).masked_fill(~valid, 0.0)
-    lam_r = reservoir_scale * float(graph.knn_cost.max())
+    import os
+    if os.environ.get("WPR_ONEBIN"):
+        lam_r = math.inf
+        tail_a, tail_b = tail_a + reservoir, tail_b + reservoir
+    else:
+        lam_r = reservoir_scale * float(graph.knn_cost.max())
     out = wellposed_sinkhorn(
         la, lb, tail_a, tail_b, nb, cost, lam, lam_r, epsilon, max_iter, tol, reservoir=reservoir
     )
@@ -336,7 +341,7 @@ def wpr_potentials_topk(
         return _paper_topk(pair, graph, epsilon, max_iter, tol, gauge, pad_id, eos_id, return_value)
     if not dust_scale > 0 or not math.isfinite(dust_scale):
         raise UserError(f"WPR: dust_scale must be a finite number > 0, got {dust_scale!r}")
-    if not reservoir >= 1 or not math.isfinite(reservoir):
+    if not reservoir >= 0 or not math.isfinite(reservoir):
         raise UserError(f"WPR: reservoir must be a finite number >= 1, got {reservoir!r}")
     graph.check_underflow(epsilon, torch.float32)
     return _wellposed(

@@ -139,7 +139,7 @@ def wellposed_sinkhorn(
     P, S = la.shape
     device, dtype = la.device, la.dtype
     lam_r = reservoir_cost / epsilon
-    log_rho = math.log(reservoir)
+    log_rho = math.log(max(reservoir, 1e-300))
     state = {
         "la": la,
         "lb": lb,

@@ -8,32 +8,18 @@ used for learning are those of the distribution that sampled the tokens.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from wprctl.engine import gathered, unwrap
+from wprctl.infer.generation import SamplingConfig
+from wprctl.infer.generation import generate as sample_batch
 from wprctl.scoring import sequence_scores, token_logprobs
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-
-
-def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1.0 on response tokens up to and including the first eos, 0.0 after it."""
-    is_eos = (responses == eos_id).long()
-    before_or_at_eos = (is_eos.cumsum(-1) - is_eos) == 0
-    return before_or_at_eos.float()
 
 
 @torch.no_grad()
@@ -42,32 +28,19 @@ def generate(
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     sampling: SamplingConfig,
+    tokenizer: Any,
     *,
-    pad_id: int,
-    eos_id: int,
+    seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one response per prompt; returns (responses (B, R) padded with pad_id, mask (B, R))."""
-    module = unwrap(model)
-    kwargs: dict[str, Any] = {
-        "do_sample": sampling.temperature > 0,
-        "max_new_tokens": sampling.max_new_tokens,
-        "pad_token_id": pad_id,
-        "eos_token_id": eos_id,
-    }
-    if sampling.temperature > 0:
-        kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p)
-    if pad_id != eos_id:
-        # A sampled pad token would be indistinguishable from padding for masks and reward pooling.
-        kwargs["suppress_tokens"] = [pad_id]
-    was_training = module.training
-    module.eval()
+    """Sample one response per prompt (parameters gathered under ZeRO-3).
+
+    Returns (responses (B, R) padded with pad after the first eos, mask (B, R) float, 1.0 on the
+    tokens up to and including that eos). Without `seed`, sampling draws from the global RNG,
+    which training checkpoints save and restore.
+    """
     with gathered(model):
-        out = module.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
-    module.train(was_training)
-    responses = out[:, prompt_ids.size(1) :]
-    mask = response_mask(responses, eos_id)
-    responses = torch.where(mask.bool(), responses, torch.full_like(responses, pad_id))
-    return responses, mask
+        g = sample_batch(model, tokenizer, {"input_ids": prompt_ids, "attention_mask": prompt_mask}, sampling, seed=seed)
+    return g.response_ids, g.response_mask.float()
 
 
 def join(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

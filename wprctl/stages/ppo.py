@@ -21,7 +21,6 @@ The regularizer is a plug-in (`wprctl.regularizers`); this file does not know wh
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections import defaultdict
@@ -38,6 +37,13 @@ from wprctl.errors import UserError
 from wprctl.manifest import Manifest
 from wprctl.models import load_causal_lm, load_reward_model, tokenizer_for
 from wprctl.regularizers import BetaController, RegBatch, build_regularizer
+from wprctl.rl.online import (
+    build_reward_fn,
+    close_reward_fn,
+    evaluate_policy,
+    gold_reward_fn,
+    prompt_batch,
+)
 from wprctl.rl.ppo_math import (
     entropy_from_logits,
     gae,
@@ -47,8 +53,6 @@ from wprctl.rl.ppo_math import (
     whiten,
 )
 from wprctl.rl.rollout import (
-    ExecutionReward,
-    ModelReward,
     SamplingConfig,
     decode,
     generate,
@@ -58,7 +62,6 @@ from wprctl.rl.rollout import (
 )
 from wprctl.runs import MetricsLogger, RunDir, finish_run, resolve_model_ref
 from wprctl.scoring import token_logprobs
-from wprctl.stages.supervised import epoch_order, rank_slice, to_device
 
 
 @dataclass
@@ -83,15 +86,6 @@ class Experience:
 
     def reg_batch(self) -> RegBatch:
         return RegBatch(self.responses, self.mask, self.old_logprobs, self.ref_logprobs)
-
-
-def gold_reward_fn(manifest: Manifest) -> Any | None:
-    """The demo task's gold oracle, when the data has one (for honest held-out figures)."""
-    if manifest.data.dataset != "demo":
-        return None
-    from wprctl.data import oracle_score
-
-    return oracle_score
 
 
 class PPORecipe:
@@ -151,30 +145,16 @@ class PPORecipe:
             lr=cfg.critic_lr, weight_decay=cfg.critic_weight_decay, scheduler=cfg.scheduler,
             warmup_steps=cfg.warmup_steps, total_steps=opt_steps,
         )  # fmt: skip
-        if self.apps:
-            from wprctl.codeexec import ExecConfig, load_problems
-
-            source = m.apps.problems or m.data.path
-            if not source:
-                raise UserError("ppo on APPS needs apps.problems or data.path (the problems with their tests)")
-            self.reward_fn: Any = ExecutionReward(load_problems(source), ExecConfig.from_apps(m.apps))
-            self.reward_model = None
-        else:
-            rm_path = resolve_model_ref(m, cfg.reward_model or "rm", what="ppo.reward_model")
-            self.reward_model = eng.init_frozen(
-                load_reward_model(rm_path, pad_token_id=self.pad_id, trust_remote_code=trust),
-                spec(cfg.reward_zero_stage, False),
-            )
-            self.reward_fn = ModelReward(self.reward_model)
+        self.reward_fn: Any = build_reward_fn(m, cfg.reward_model, spec(cfg.reward_zero_stage, False), stage="ppo", pad_id=self.pad_id)
         self.gold = gold_reward_fn(m)
-        self.reg = build_regularizer(cfg.regularizer)
+        self.reg = build_regularizer(cfg.regularizer, clip_range=cfg.clip_range)
         with eng.gathered(self.ref):
             emb = eng.unwrap(self.ref).get_input_embeddings().weight.detach().float().clone()
         self.reg.setup(
             ref_embeddings=emb, cache_dir=m.output_dir / ".cache" / "wpr", pad_id=self.pad_id, eos_id=self.eos_id
         )
         self.beta = BetaController(cfg.regularizer)
-        self.sampling = SamplingConfig(cfg.max_answer_len, cfg.temperature, cfg.top_k, cfg.top_p)
+        self.sampling = SamplingConfig.from_section(cfg)
         self.step = 0
         self.last_experience: Experience | None = None
         if self.resuming and self.run.has_checkpoint():
@@ -187,16 +167,13 @@ class PPORecipe:
     # rollout and experience
 
     def prompt_batches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
-        n = len(self.train_data.dataset)
         for g in range(self.cfg.generation_batches):
-            epoch, within = divmod(step * self.cfg.generation_batches + g, self.batches_per_epoch)
-            idx = rank_slice(epoch_order(n, self.m.project.seed, epoch), within, self.cfg.batch_size)
-            yield to_device(self.train_data.collate([self.train_data.dataset[i] for i in idx]))
+            yield prompt_batch(self.train_data, self.m.project.seed, step * self.cfg.generation_batches + g, self.cfg.batch_size, self.batches_per_epoch)
 
     @torch.no_grad()
     def experience(self, batch: dict[str, torch.Tensor], timers: dict[str, float], stats: dict[str, list[float]]) -> Experience | None:
         t0 = time.time()
-        responses, mask = generate(self.actor, batch["input_ids"], batch["attention_mask"], self.sampling, pad_id=self.pad_id, eos_id=self.eos_id)
+        responses, mask = generate(self.actor, batch["input_ids"], batch["attention_mask"], self.sampling, self.tokenizer)
         timers["time/generation"] += time.time() - t0
         keep = mask.sum(1) >= self.cfg.min_answer_tokens
         stats["dropped"].append(float((~keep).sum()))
@@ -295,38 +272,12 @@ class PPORecipe:
     # ----------------------------------------------------------------------------------------
     # held-out evaluation
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean reward (and the gold oracle's, on the demo) of sampled answers to held-out prompts."""
-        data = self.eval_data
-        n = min(self.cfg.eval_prompts, len(data.dataset))
-        idx = list(range(eng.rank(), n, self.world))
-        totals = [0.0, 0.0, 0.0, 0.0, 0.0]  # count, reward, gold, length, kl
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.m.project.seed + 7)
-            for i in range(0, len(idx), self.cfg.batch_size):
-                batch = to_device(data.collate([data.dataset[j] for j in idx[i : i + self.cfg.batch_size]]))
-                responses, mask = generate(self.actor, batch["input_ids"], batch["attention_mask"], self.sampling, pad_id=self.pad_id, eos_id=self.eos_id)
-                seq, attn = join(batch["input_ids"], batch["attention_mask"], responses, mask)
-                P = batch["input_ids"].size(1)
-                examples = [data.examples[int(k)] for k in batch["index"]]
-                prompts = decode(self.tokenizer, batch["input_ids"], batch["attention_mask"])
-                texts = decode(self.tokenizer, responses, mask)
-                score = self.reward_fn(seq, attn, prompts, texts, examples)
-                logp = token_logprobs(response_logits(self.actor, seq, attn, P), responses)
-                ref = token_logprobs(response_logits(self.ref, seq, attn, P), responses)
-                totals[0] += len(texts)
-                totals[1] += float(score.sum())
-                if self.gold is not None:
-                    totals[2] += sum(self.gold(p, r) for p, r in zip(prompts, texts, strict=True))
-                totals[3] += float(mask.sum())
-                totals[4] += float(((logp - ref) * mask).sum())
-        count, reward, gold, length, kl = eng.all_reduce_sum(totals)
-        count = max(count, 1.0)
-        out = {"reward": reward / count, "length": length / count, "kl_ref": kl / count}
-        if self.gold is not None:
-            out["gold"] = gold / count
-        return out
+        return evaluate_policy(
+            self.actor, self.ref, self.reward_fn, self.eval_data, self.tokenizer, self.sampling,
+            n_prompts=self.cfg.eval_prompts, batch_size=self.cfg.batch_size, seed=self.m.project.seed, gold=self.gold,
+        )  # fmt: skip
 
     # ----------------------------------------------------------------------------------------
 
@@ -389,10 +340,7 @@ class PPORecipe:
         return metrics
 
     def close(self) -> None:
-        pool = getattr(self.reward_fn, "pool", None)
-        if pool is not None:
-            with contextlib.suppress(Exception):
-                pool.close()
+        close_reward_fn(getattr(self, "reward_fn", None))
 
 
 def _mean(xs: list[float]) -> float:

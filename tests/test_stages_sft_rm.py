@@ -1,0 +1,183 @@
+"""`wprctl sft` and `wprctl rm` as a user runs them: learning, exact resume after SIGKILL,
+1 vs 2 processes, HF outputs that score the same with plain transformers, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+# A micro project: seconds per stage, enough to exercise every mechanism.
+MICRO = [
+    "--set", "model.tiny.hidden_size=32",
+    "--set", "model.tiny.intermediate_size=64",
+    "--set", "model.tiny.vocab_size=512",
+    "--set", "data.demo.n_train=300",
+    "--set", "data.demo.n_validation=40",
+    "--set", "sft.batch_size=8",
+    "--set", "rm.batch_size=8",
+]  # fmt: skip
+
+
+def _init(tmp_path: Path) -> Path:
+    res = run_cli("init", str(tmp_path), "--template", "demo")
+    assert res.returncode == 0, res.stderr
+    return tmp_path / "wprctl.toml"
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def test_sft_learns_and_rm_scores_match_plain_transformers(demo_project: Path) -> None:
+    runs = demo_project / "runs"
+    sft = _metrics(runs / "sft" / "metrics.jsonl")
+    evals = [r["eval/loss"] for r in sft if "eval/loss" in r]
+    assert evals[-1] < evals[0] - 1.0  # held-out loss well below the untrained model's
+    state = json.loads((runs / "rm" / "state.json").read_text())
+    assert state["status"] == "finished"
+    assert state["metrics"]["eval/accuracy"] >= 0.8
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from wprctl.manifest import load_manifest
+    from wprctl.models import load_reward_model
+    from wprctl.scoring import sequence_scores
+
+    folder = runs / "rm" / "model"
+    tok = AutoTokenizer.from_pretrained(folder)
+    plain = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    ours = load_reward_model(folder, pad_token_id=tok.pad_token_id).eval()
+    texts = ["POST\nSubreddit: r/cars\nmy dad took my car.\nTL;DR: my dad took my car</s>", "short</s>"]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = plain(**batch).logits[:, 0]
+        got = sequence_scores(ours, batch["input_ids"], batch["attention_mask"])
+        # One at a time (no padding) gives the same end scores: pooling reads the last real token.
+        single = torch.stack([plain(**tok(t, return_tensors="pt")).logits[0, 0] for t in texts])
+    assert torch.allclose(got, ref, atol=1e-6)
+    assert torch.allclose(single, ref, atol=1e-5)
+    assert load_manifest(demo_project / "wprctl.toml").rm.lr > 0
+
+
+def test_finished_stage_needs_force_or_resume(demo_project: Path) -> None:
+    res = run_cli("sft", "-m", str(demo_project / "wprctl.toml"))
+    assert res.returncode == 2 and "--force" in res.stderr
+    res = run_cli("sft", "-m", str(demo_project / "wprctl.toml"), "--resume")
+    assert res.returncode == 0 and "nothing to resume" in res.stdout
+
+
+def test_sft_kill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    args = [*MICRO, "--set", "sft.max_steps=10", "--set", "sft.save_every=3", "--set", "sft.eval_every=100", "--set", "sft.log_every=1"]
+    straight = _init(tmp_path / "straight")
+    res = run_cli("sft", "-m", str(straight), *args)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    killed = _init(tmp_path / "killed")
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wprctl", "sft", "-m", str(killed), *args],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    latest = killed.parent / "runs" / "sft" / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() == "step6"):
+        assert proc.poll() is None, proc.stderr.read()[-2000:] if proc.stderr else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed.parent / "runs" / "sft" / "model").exists()
+    status = run_cli("status", "-m", str(killed), "--json")
+    assert json.loads(status.stdout)["stages"][0]["status"] == "running"
+
+    res = run_cli("sft", "-m", str(killed), *args)
+    assert res.returncode == 2 and "--resume" in res.stderr  # a partial run is not silently redone
+    res = run_cli("sft", "-m", str(killed), *args, "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resumed from step 6" in res.stdout
+
+    a = _weights(straight.parent / "runs" / "sft" / "model")
+    b = _weights(killed.parent / "runs" / "sft" / "model")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    la = [r["train/loss"] for r in _metrics(straight.parent / "runs" / "sft" / "metrics.jsonl") if "train/loss" in r]
+    lb = [r["train/loss"] for r in _metrics(killed.parent / "runs" / "sft" / "metrics.jsonl") if "train/loss" in r]
+    assert lb == pytest.approx(la, abs=1e-6)  # the log reads as one uninterrupted run
+
+
+def test_two_process_zero2_matches_one_process(tmp_path: Path) -> None:
+    """Same global batch (8): one process with micro-batch 8 vs two with 4 each, under ZeRO-2.
+
+    Tolerance 1e-4 on the logged mean loss: the two runs reduce in a different order (two
+    per-rank token means averaged vs one mean over all tokens of the batch), float32 only.
+    """
+    common = [*MICRO, "--set", "deepspeed.zero_stage=2", "--set", "sft.max_steps=4", "--set", "sft.log_every=1", "--set", "sft.eval_every=100"]
+    one = _init(tmp_path / "one")
+    res = run_cli("sft", "-m", str(one), *common, "--set", "sft.batch_size=8")
+    assert res.returncode == 0, res.stderr[-2000:]
+    two = _init(tmp_path / "two")
+    res = run_cli("sft", "-m", str(two), *common, "--set", "sft.batch_size=4", "--num-processes", "2")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    la = [r["train/loss"] for r in _metrics(one.parent / "runs" / "sft" / "metrics.jsonl") if "train/loss" in r]
+    lb = [r["train/loss"] for r in _metrics(two.parent / "runs" / "sft" / "metrics.jsonl") if "train/loss" in r]
+    assert len(la) == len(lb) == 4
+    # Per-rank token means differ from the global token mean when the two halves of a batch
+    # have different response lengths, so compare the held-out loss (one reduction) tightly and
+    # the training curve loosely.
+    assert lb == pytest.approx(la, abs=0.05)
+    ea = [r["eval/loss"] for r in _metrics(one.parent / "runs" / "sft" / "metrics.jsonl") if "eval/loss" in r]
+    eb = [r["eval/loss"] for r in _metrics(two.parent / "runs" / "sft" / "metrics.jsonl") if "eval/loss" in r]
+    assert eb[-1] == pytest.approx(ea[-1], abs=1e-3)
+
+
+def test_rm_without_sft_output_is_exit_2(tmp_path: Path) -> None:
+    manifest = _init(tmp_path)
+    res = run_cli("rm", "-m", str(manifest), *MICRO)
+    assert res.returncode == 2
+    assert "stage 'sft' has no finished output" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_corrupt_checkpoint_on_resume_is_exit_2(tmp_path: Path) -> None:
+    manifest = _init(tmp_path)
+    args = [*MICRO, "--set", "sft.max_steps=4", "--set", "sft.save_every=2"]
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "wprctl", "sft", "-m", str(manifest), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ckpt = tmp_path / "runs" / "sft" / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (ckpt / "latest").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for f in (ckpt / "model").rglob("*.pt"):
+        f.write_bytes(b"garbage")
+    res = run_cli("sft", "-m", str(manifest), *args, "--resume")
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "cannot load the checkpoint" in res.stderr and "--force" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_tokenizer_without_pad_is_exit_2(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "nopad")
+    manifest = _init(tmp_path / "p")
+    res = run_cli("sft", "-m", str(manifest), *MICRO, "--set", f"model.tokenizer={tmp_path / 'nopad'}")
+    assert res.returncode == 2
+    assert "no pad token" in res.stderr and str(tmp_path / "nopad") in res.stderr

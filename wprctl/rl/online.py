@@ -1,0 +1,143 @@
+"""What the online RL stages (PPO, DAR) share: prompt batches, the reward function named by the
+manifest, and the held-out evaluation whose figures `wprctl report` puts side by side."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from wprctl import engine as eng
+from wprctl.errors import UserError
+from wprctl.manifest import Manifest
+from wprctl.rl.rollout import (
+    ExecutionReward,
+    ModelReward,
+    RewardFn,
+    SamplingConfig,
+    decode,
+    generate,
+    join,
+    response_logits,
+)
+from wprctl.runs import resolve_model_ref
+from wprctl.scoring import token_logprobs
+from wprctl.stages.supervised import epoch_order, rank_slice, to_device
+
+
+def prompt_batch(
+    data: Any, seed: int, index: int, batch_size: int, batches_per_epoch: int
+) -> dict[str, torch.Tensor]:
+    """This rank's prompts of global batch `index`: epoch e's order is a permutation drawn from
+    (seed, e), so the batch is a function of its index alone (exact resume)."""
+    epoch, within = divmod(index, batches_per_epoch)
+    idx = rank_slice(epoch_order(len(data.dataset), seed, epoch), within, batch_size)
+    return to_device(data.collate([data.dataset[i] for i in idx]))
+
+
+def gold_reward_fn(manifest: Manifest) -> Any | None:
+    """The demo task's gold oracle, when the data has one (for honest held-out figures)."""
+    if manifest.data.dataset != "demo":
+        return None
+    from wprctl.data import oracle_score
+
+    return oracle_score
+
+
+def build_reward_fn(
+    manifest: Manifest, ref: str | None, spec: eng.EngineSpec, *, stage: str, pad_id: int
+) -> RewardFn:
+    """The APPS executor on `apps`, else the reward model `ref` (default: the rm stage's output)."""
+    m = manifest
+    if m.data.dataset == "apps":
+        from wprctl.codeexec import ExecConfig, load_problems
+
+        source = m.apps.problems or m.data.path
+        if not source:
+            raise UserError(
+                f"{stage} on APPS needs apps.problems or data.path (the problems with their tests)"
+            )
+        return ExecutionReward(load_problems(source), ExecConfig.from_apps(m.apps))
+    from wprctl.models import load_reward_model
+
+    rm_path = resolve_model_ref(m, ref or "rm", what=f"{stage}.reward_model")
+    model = load_reward_model(
+        rm_path, pad_token_id=pad_id, trust_remote_code=m.model.trust_remote_code
+    )
+    return ModelReward(eng.init_frozen(model, spec))
+
+
+def close_reward_fn(reward_fn: Any) -> None:
+    """Stop the executor's worker pool, if the reward function has one."""
+    pool = getattr(reward_fn, "pool", None)
+    if pool is not None:
+        with contextlib.suppress(Exception):
+            pool.close()
+
+
+@torch.no_grad()
+def evaluate_policy(
+    policy: Any,
+    ref: Any,
+    reward_fn: RewardFn,
+    data: Any,
+    tokenizer: Any,
+    sampling: SamplingConfig,
+    *,
+    n_prompts: int,
+    batch_size: int,
+    seed: int,
+    gold: Any | None = None,
+) -> dict[str, float]:
+    """Mean reward, KL to `ref` (k1 summed per answer), length and the fraction of answers without
+    eos (and the gold oracle's mean, on the demo) of sampled answers to the first `n_prompts`
+    held-out prompts. Sampling uses its own seed, so evaluating never moves the training RNG."""
+    n = min(n_prompts, len(data.dataset))
+    idx = list(range(eng.rank(), n, eng.world_size()))
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    totals = [0.0] * 6  # count, reward, gold, length, kl, no-eos
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 7)
+        for i in range(0, len(idx), batch_size):
+            batch = to_device(data.collate([data.dataset[j] for j in idx[i : i + batch_size]]))
+            responses, mask = generate(
+                policy, batch["input_ids"], batch["attention_mask"], sampling, tokenizer
+            )
+            seq, attn = join(batch["input_ids"], batch["attention_mask"], responses, mask)
+            P = batch["input_ids"].size(1)
+            examples = [data.examples[int(k)] for k in batch["index"]]
+            prompts = decode(tokenizer, batch["input_ids"], batch["attention_mask"])
+            texts = decode(tokenizer, responses, mask)
+            score = reward_fn(seq, attn, prompts, texts, examples)
+            logp = token_logprobs(response_logits(policy, seq, attn, P), responses)
+            ref_logp = token_logprobs(response_logits(ref, seq, attn, P), responses)
+            totals[0] += len(texts)
+            totals[1] += float(score.sum())
+            if gold is not None:
+                totals[2] += sum(gold(p, r) for p, r in zip(prompts, texts, strict=True))
+            totals[3] += float(mask.sum())
+            totals[4] += float(((logp - ref_logp) * mask).sum())
+            totals[5] += float((~(responses == eos_id).any(1)).sum())
+    count, reward, gold_sum, length, kl, no_eos = eng.all_reduce_sum(totals)
+    count = max(count, 1.0)
+    out = {
+        "reward": reward / count,
+        "length": length / count,
+        "kl_ref": kl / count,
+        "no_eos_fraction": no_eos / count,
+    }
+    if gold is not None:
+        out["gold"] = gold_sum / count
+    return out
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `t` along dim 0, in rank order (shapes must match across ranks)."""
+    import torch.distributed as dist
+
+    if eng.world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(eng.world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
