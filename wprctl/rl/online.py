@@ -95,7 +95,7 @@ def evaluate_policy(
     held-out prompts. Sampling uses its own seed, so evaluating never moves the training RNG."""
     n = min(n_prompts, len(data.dataset))
     idx = list(range(eng.rank(), n, eng.world_size()))
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    eos_id = tokenizer.eos_token_id
     totals = [0.0] * 6  # count, reward, gold, length, kl, no-eos
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 7)

@@ -155,7 +155,7 @@ class DARRecipe:
             m, cfg.reward_model, spec, stage="dar", pad_id=self.pad_id
         )
         self.gold = gold_reward_fn(m)
-        self.sampling = SamplingConfig(cfg.max_answer_len, cfg.temperature)
+        self.sampling = SamplingConfig.from_section(cfg)
         self.iteration = 0
         if self.resuming and self.run.has_checkpoint():
             client = eng.load_checkpoint({"actor": self.actor}, self.run.checkpoint_dir)
@@ -193,12 +193,7 @@ class DARRecipe:
 
         t0 = time.time()
         responses, mask = generate(
-            self.actor,
-            prompt_ids,
-            prompt_mask,
-            self.sampling,
-            pad_id=self.pad_id,
-            eos_id=self.eos_id,
+            self.actor, prompt_ids, prompt_mask, self.sampling, self.tokenizer
         )
         timers["time/generation"] += time.time() - t0
         seq, attn = join(prompt_ids, prompt_mask, responses, mask)

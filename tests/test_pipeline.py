@@ -1,0 +1,99 @@
+"""`wprctl quickstart` end to end (--small), and `wprctl run` skipping and resuming stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+EXPECTED_PLOTS = {
+    "sft_loss.png", "rm_training.png", "policy_reward.png", "policy_penalty.png", "policy_kl.png",
+    "policy_gold.png", "frontier.png", "judge_win_rates.png", "apps_passk.png",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quickstart_small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    root = tmp_path_factory.mktemp("qs") / "demo"
+    res = run_cli("quickstart", str(root), "--small", timeout=1800)
+    return root, res
+
+
+def test_quickstart_runs_every_stage_and_reports(quickstart_small: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    root, res = quickstart_small
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "Report:" in res.stdout and "What to try next" in res.stdout
+    status = json.loads(run_cli("status", "-m", str(root / "wprctl.toml"), "--json").stdout)
+    by_name = {r["name"]: r for r in status["stages"]}
+    manifest_stages = [r["name"] for r in status["stages"]][:17]
+    assert all(by_name[n]["status"] == "finished" for n in manifest_stages), by_name
+    # SFT learned, the judge ran through the local oracle server with intervals, APPS separated
+    # the reference solutions from the weakened ones.
+    sft = by_name["sft"]["metrics"]
+    assert sft["eval/loss"] < 6.0
+    judge = json.loads(Path(by_name["judge-wpr-vs-kl"]["outputs"]["summary"]).read_text())
+    lo, hi = judge["ci95"]
+    assert 0.0 <= lo <= judge["win_rate"] <= hi <= 1.0 and judge["requests"] > 0 and judge["invalid"] == 0
+    good = json.loads(Path(by_name["apps-reference"]["outputs"]["summary"]).read_text())
+    weak = json.loads(Path(by_name["apps-weakened"]["outputs"]["summary"]).read_text())
+    assert good["strict_accuracy"] > weak["strict_accuracy"] + 0.2
+    report = root / "runs" / "report"
+    index = (report / "index.md").read_text()
+    for name in EXPECTED_PLOTS:
+        png = report / name
+        assert png.exists(), name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        import matplotlib.image as mpimg
+
+        h, w = mpimg.imread(png).shape[:2]
+        assert w >= 400 and h >= 300, (name, w, h)
+        assert name in index
+
+
+def test_run_again_skips_finished_stages(quickstart_small: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    root, res = quickstart_small
+    assert res.returncode == 0
+    t0 = time.time()
+    again = run_cli("run", "-m", str(root / "wprctl.toml"), "--set", "sft.max_steps=40")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished earlier, skipped") == 17
+    assert time.time() - t0 < 120
+
+
+def test_run_resumes_a_killed_stage(tmp_path: Path) -> None:
+    res = run_cli("init", str(tmp_path), "--template", "demo")
+    assert res.returncode == 0
+    manifest = str(tmp_path / "wprctl.toml")
+    sets = ["--set", 'stages=["sft", "rm"]', "--set", "model.tiny.hidden_size=32", "--set", "model.tiny.intermediate_size=64",
+            "--set", "data.demo.n_train=300", "--set", "data.demo.n_validation=40", "--set", "sft.max_steps=4",
+            "--set", "rm.max_steps=8", "--set", "rm.save_every=2", "--set", "rm.batch_size=8", "--set", "sft.batch_size=8"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "wprctl", "run", "-m", manifest, *sets],
+                            env={**os.environ, "COLUMNS": "200"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    latest = tmp_path / "runs" / "rm" / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while time.time() < deadline and not latest.exists():
+        assert proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    res = run_cli("run", "-m", manifest, *sets)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "sft: finished earlier, skipped" in res.stdout
+    assert "rm: resumed from step" in res.stdout
+    status = json.loads(run_cli("status", "-m", manifest, "--json").stdout)
+    assert [r["status"] for r in status["stages"]] == ["finished", "finished"]
+
+
+def test_run_from_to_and_unknown_stage(tmp_path: Path) -> None:
+    res = run_cli("init", str(tmp_path), "--template", "demo")
+    assert res.returncode == 0
+    res = run_cli("run", "-m", str(tmp_path / "wprctl.toml"), "--from", "nope")
+    assert res.returncode == 2 and "not in the manifest's stages" in res.stderr
