@@ -234,7 +234,9 @@ class DARConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     scheduler: Literal["cosine", "linear", "constant"] = "constant"
     grad_clip: float = Field(1.0, ge=0)
-    temperature: float = Field(0.8, gt=0)
+    temperature: float = Field(
+        1.0, gt=0, description="1 = sample from pi_t itself, as DAR's weights assume"
+    )
     max_answer_len: int = Field(256, ge=2)
     max_prompt_len: int = Field(512, ge=8)
     save_every: int = Field(50, ge=1)

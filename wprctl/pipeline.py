@@ -81,7 +81,7 @@ def _eval_stage(manifest_path: Path, overrides: list[str], base: Manifest, name:
         out = run.root / "samples.jsonl"
         _invoke(["infer", *common, "--out", str(out)])
         outputs["jsonl"] = str(out)
-        metrics = _summary_metrics(out, ("reward_mean", "gold_mean", "length_mean", "rouge1", "rougeL"))
+        metrics = _summary_metrics(out, ("reward_mean", "oracle_mean", "length_mean", "rouge1", "rougeL"))
     elif kind == "judge":
         if not (m.judge.a and m.judge.b):
             raise UserError(f"stage {name!r}: a judge stage needs judge.a and judge.b (inference stages or files)")

@@ -17,6 +17,7 @@ and weights are flat (n,) or the same (n_prompts, K) shape.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -123,3 +124,36 @@ def weighted_nll(
     """
     denom = float(seq_logprobs.numel()) if denominator is None else denominator
     return -(weights.detach() * seq_logprobs).sum() / denom
+
+
+def global_weights(
+    rewards: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    w_clip: float,
+    self_normalize: bool = False,
+    gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    rank: int = 0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One process's (n_prompts, K) weights and the weight statistics, both over the global batch.
+
+    `gather` concatenates every process's rows in rank order (identity on one process), so the
+    advantage normalization, the weights and their statistics do not depend on the world size.
+    """
+    n = rewards.size(0)
+    adv = mc_advantages(gather(rewards))
+    w = dar_weights(
+        gather(ref_logprobs),
+        gather(old_logprobs),
+        adv,
+        alpha=alpha,
+        beta=beta,
+        w_clip=w_clip,
+        self_normalize=self_normalize,
+    )
+    stats = weight_stats(w.weights, w.clipped)
+    stats["advantage_abs"] = float(adv.abs().mean())
+    return w.weights[rank * n : (rank + 1) * n], stats
