@@ -24,6 +24,7 @@ DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "M
 DATA = ["--set", "data.demo.n_train=1000", "--set", "data.demo.n_validation=40"]
 DAR = [
     *DATA,
+    "--set", "dar.lr=5e-4",  # the demo's 1e-4 needs more than 20 iterations to show
     "--set", "dar.batch_size=8",
     "--set", "dar.iterations=20",
     "--set", "dar.eval_prompts=32",
@@ -77,8 +78,8 @@ def dar_project(tmp_path_factory: pytest.TempPathFactory, _one_thread) -> Path:
     root = tmp_path_factory.mktemp("dar")
     manifest = str(root / "wprctl.toml")
     assert wprctl("init", str(root), "--template", "demo") == 0
-    assert wprctl("sft", "-m", manifest, *DATA, "--set", "sft.epochs=2") == 0
-    assert wprctl("rm", "-m", manifest, *DATA, "--set", "rm.epochs=1") == 0
+    assert wprctl("sft", "-m", manifest, *DATA, "--set", "sft.epochs=6") == 0
+    assert wprctl("rm", "-m", manifest, *DATA, "--set", "rm.epochs=2") == 0
     return root
 
 
@@ -102,7 +103,9 @@ def test_dar_raises_the_held_out_reward_over_sft(dar_run: Path) -> None:
     start, end = evals[0], evals[-1]
     # Step 0 is the SFT policy itself: no divergence from pi_0 yet.
     assert start["eval/kl_ref"] == pytest.approx(0.0, abs=1e-4)
-    # Measured: 0.57 -> 0.81 (the reward model's held-out score; the RM's scale is ~1).
+    # The reward model's held-out score. Measured: 0.48 -> 0.83 here (project seed 42); with
+    # seeds 1 and 2 (same settings, CLI) -0.52 -> 0.37 and 0.45 -> 0.67. The gold oracle rose in
+    # all three (by 0.29, 0.05, 0.29), too little to assert on in 20 iterations.
     assert end["eval/reward"] > start["eval/reward"] + 0.1
     assert end["eval/kl_ref"] > 0.1  # it moved away from pi_0 to get there
     # Weights: the paper's w_clip = 20 caps them; the ESS is a fraction of the batch.

@@ -64,6 +64,11 @@ def _scatter_bt(mask: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) ->
     return out
 
 
+def _times(mass: torch.Tensor, pot: torch.Tensor) -> torch.Tensor:
+    """mass * potential with 0 * (-inf) = 0 (an empty dust bin has potential -inf)."""
+    return torch.where(mass > 0, mass * pot, torch.zeros_like(pot))
+
+
 def _xlogx(x: torch.Tensor) -> torch.Tensor:
     return torch.special.xlogy(x, x)
 
@@ -229,12 +234,8 @@ def _wellposed(
     if "knn_mean" not in g:
         g["knn_mean"] = g["knn_cost"].mean(dim=1)
     lam = (dust_scale * g["knn_mean"][ids]).masked_fill(~valid, 0.0)
-    import os
-    if os.environ.get("WPR_ONEBIN"):
-        lam_r = math.inf
-        tail_a, tail_b = tail_a + reservoir, tail_b + reservoir
-    else:
-        lam_r = reservoir_scale * float(graph.knn_cost.max())
+    # far enough that exp(-Lambda/eps) < 1e-13: a feasible problem never notices the reservoir
+    lam_r = reservoir_scale * float(graph.knn_cost.max()) + 30.0 * epsilon
     out = wellposed_sinkhorn(
         la, lb, tail_a, tail_b, nb, cost, lam, lam_r, epsilon, max_iter, tol, reservoir=reservoir
     )
@@ -245,7 +246,7 @@ def _wellposed(
         phi = epsilon * (F.gather(1, slot).squeeze(1) - (out["FR"] - out["GR"]) / 2)
     else:
         Fz = torch.where(valid, F, torch.zeros_like(F))
-        mean_f = (a * Fz).sum(1) + tail_a * FD
+        mean_f = (a * Fz).sum(1) + _times(tail_a, FD)
         phi = epsilon * (F.gather(1, slot).squeeze(1) - mean_f)
     value = None
     if return_value:
@@ -253,7 +254,7 @@ def _wellposed(
         Gz = torch.where(valid, G, torch.zeros_like(G))
         Fz = torch.where(valid, F, torch.zeros_like(F))
         value = epsilon * (
-            (a * Fz).sum(1) + tail_a * FD + (b * Gz).sum(1) + tail_b * GD
+            (a * Fz).sum(1) + _times(tail_a, FD) + (b * Gz).sum(1) + _times(tail_b, GD)
             - (a * la.masked_fill(~valid, 0.0)).sum(1) - _xlogx(tail_a)
             - (b * lb.masked_fill(~valid, 0.0)).sum(1) - _xlogx(tail_b)
         )  # fmt: skip
@@ -341,7 +342,7 @@ def wpr_potentials_topk(
         return _paper_topk(pair, graph, epsilon, max_iter, tol, gauge, pad_id, eos_id, return_value)
     if not dust_scale > 0 or not math.isfinite(dust_scale):
         raise UserError(f"WPR: dust_scale must be a finite number > 0, got {dust_scale!r}")
-    if not reservoir >= 0 or not math.isfinite(reservoir):
+    if not reservoir >= 1 or not math.isfinite(reservoir):
         raise UserError(f"WPR: reservoir must be a finite number >= 1, got {reservoir!r}")
     graph.check_underflow(epsilon, torch.float32)
     return _wellposed(
