@@ -26,6 +26,8 @@ tail_a != tail_b or a token whose mass exceeds the other side's mass in its clos
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from wprctl.ot.graph import CostGraph
@@ -55,9 +57,13 @@ def support_kernel(graph: CostGraph, support: torch.Tensor, epsilon: float) -> t
     order = torch.argsort(rows * (Ns + 1) + cols)
     crow = torch.zeros(Ns + 2, dtype=torch.long, device=device)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=Ns + 1), 0)
-    return torch.sparse_csr_tensor(
-        crow, cols[order], vals[order], size=(Ns + 1, Ns + 1), check_invariants=False
-    )
+    return _csr(crow, cols[order], vals[order], Ns + 1)
+
+
+def _csr(crow: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n: int) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        return torch.sparse_csr_tensor(crow, cols, vals, size=(n, n), check_invariants=False)
 
 
 def paper_support(
@@ -108,10 +114,7 @@ def paper_sinkhorn(
         converged[work[done]] = True
         work = work[~done]
     row_err = (u * (K @ v) - a).abs().sum(0)
-    pattern = torch.sparse_csr_tensor(
-        K.crow_indices(), K.col_indices(), torch.ones_like(K.values()), size=K.shape,
-        check_invariants=False,
-    )  # fmt: skip
+    pattern = _csr(K.crow_indices(), K.col_indices(), torch.ones_like(K.values()), K.shape[0])
     slack = 1e-6
     hall = ((a > pattern @ b + slack) | (b > pattern @ a + slack))[:-1].any(0)
     infeasible = hall | ((a[-1] - b[-1]).abs() > slack)

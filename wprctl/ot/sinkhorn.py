@@ -223,6 +223,8 @@ def _wellposed(
     reservoir: float,
     reservoir_scale: float,
     dtype: torch.dtype,
+    omega: float = 1.0,
+    reservoir_margin: float = 30.0,
 ) -> WPRResult:
     mask = pair.mask
     ids, valid = pair.indices[mask], pair.valid[mask]
@@ -235,9 +237,10 @@ def _wellposed(
         g["knn_mean"] = g["knn_cost"].mean(dim=1)
     lam = (dust_scale * g["knn_mean"][ids]).masked_fill(~valid, 0.0)
     # far enough that exp(-Lambda/eps) < 1e-13: a feasible problem never notices the reservoir
-    lam_r = reservoir_scale * float(graph.knn_cost.max()) + 30.0 * epsilon
+    lam_r = reservoir_scale * float(graph.knn_cost.max()) + reservoir_margin * epsilon
     out = wellposed_sinkhorn(
-        la, lb, tail_a, tail_b, nb, cost, lam, lam_r, epsilon, max_iter, tol, reservoir=reservoir
+        la, lb, tail_a, tail_b, nb, cost, lam, lam_r, epsilon, max_iter, tol, reservoir=reservoir,
+        omega=omega,
     )
     F, G, FD, GD = out["F"], out["G"], out["FD"], out["GD"]
     slot = pair.action_slot[mask].unsqueeze(1)
@@ -282,8 +285,10 @@ def wpr_potentials(
     start: int | None = None,
     return_value: bool = False,
     dust_scale: float = 1.0,
-    reservoir: float = 1.0,
+    reservoir: float = 2.0,
     reservoir_scale: float = 2.0,
+    reservoir_margin: float = 30.0,
+    omega: float = 1.0,
     dtype: torch.dtype = torch.float64,
 ) -> WPRResult:
     """WPR penalty phi (B, T) at ``actions`` from full (B, T, V) logits (policy a, reference b).
@@ -308,7 +313,8 @@ def wpr_potentials(
     return wpr_potentials_topk(
         pair, graph, epsilon=epsilon, max_iter=max_iter, tol=tol, gauge=gauge, method=method,
         pad_id=pad_id, eos_id=eos_id, return_value=return_value, dust_scale=dust_scale,
-        reservoir=reservoir, reservoir_scale=reservoir_scale, dtype=dtype,
+        reservoir=reservoir, reservoir_scale=reservoir_scale, reservoir_margin=reservoir_margin,
+        omega=omega, dtype=dtype,
     )  # fmt: skip
 
 
@@ -325,8 +331,10 @@ def wpr_potentials_topk(
     eos_id: int = 1,
     return_value: bool = False,
     dust_scale: float = 1.0,
-    reservoir: float = 1.0,
+    reservoir: float = 2.0,
     reservoir_scale: float = 2.0,
+    reservoir_margin: float = 30.0,
+    omega: float = 1.0,
     dtype: torch.dtype = torch.float64,
 ) -> WPRResult:
     """WPR penalty from the compressed form (see ``compress_topk``); same result fields.
@@ -342,10 +350,10 @@ def wpr_potentials_topk(
         return _paper_topk(pair, graph, epsilon, max_iter, tol, gauge, pad_id, eos_id, return_value)
     if not dust_scale > 0 or not math.isfinite(dust_scale):
         raise UserError(f"WPR: dust_scale must be a finite number > 0, got {dust_scale!r}")
-    if not reservoir >= 1 or not math.isfinite(reservoir):
-        raise UserError(f"WPR: reservoir must be a finite number >= 1, got {reservoir!r}")
+    if not reservoir > 1 or not math.isfinite(reservoir):
+        raise UserError(f"WPR: reservoir must be a finite number > 1, got {reservoir!r}")
     graph.check_underflow(epsilon, torch.float32)
     return _wellposed(
         pair, graph, epsilon, max_iter, tol, gauge, return_value, dust_scale, reservoir,
-        reservoir_scale, dtype,
+        reservoir_scale, dtype, omega=omega, reservoir_margin=reservoir_margin,
     )

@@ -1,0 +1,318 @@
+"""WPR penalty benchmark: speed, memory, accuracy on the golden cases, convergence on a model.
+
+    python -m benchmarks.wpr_penalty [--quick] [--full-golden] [--model HF_FOLDER] [--official-T 8]
+
+What is measured (printed with every figure):
+
+* tokens/s and peak RSS increase of ``wellposed`` and ``paper`` on synthetic distributions at
+  V = 8000 (k1 = k2 = 64) and V = 32000 (k1 = 256, k2 = 128), B = 4, T = 128, d = 256, on this
+  CPU; ``paper`` at 10 iterations. Embeddings N(0, 1/d); epsilon = median kNN cost / 10 (a live
+  kernel); logits N(0, 1) * 4 (policy), reference = policy + N(0, 0.5). The ``paper`` timing
+  includes the batch support, the kernel and the softmax gathers; ``wellposed`` includes
+  ``compress_topk``.
+* the official algorithm re-implemented here from the golden README (COO sparse.mm on
+  transposed (M, Ns) scalings, two full (B, T, V) softmax tensors) timed on B = 1,
+  T = ``--official-T`` active positions with the same per-token support statistics, so its
+  tokens/s is comparable but measured on fewer tokens (it is too slow for B*T = 512).
+* bytes per token of ``TopKPair`` against two float32 full-vocabulary logit rows, and the ratio
+  at V = 256000.
+* cost-graph build time at V = 32000, d = 256, k1 = 256, and an O(V^2 d) estimate for V = 256000.
+* golden accuracy: mean / max |error| of the centered potential at the action, in std units of
+  the exact values, per case, for ``paper`` (official settings) and ``wellposed`` (k2 = 16, 64;
+  k2 >= V on the N = 512 cases, and on all with --full-golden).
+* convergence fraction on model distributions: a given HF folder (--model) or, when none is
+  given, a randomly initialised small Llama (the tiny model after SFT is not used unless passed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import psutil
+import torch
+
+from wprctl.ot import CostGraph, compress_topk, wpr_potentials, wpr_potentials_topk
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "wpr"
+warnings.filterwarnings("ignore")
+
+
+class PeakRSS:
+    """Peak resident memory above the starting level, sampled every 5 ms."""
+
+    def __enter__(self) -> PeakRSS:
+        self.proc = psutil.Process(os.getpid())
+        self.base = self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def synthetic(V: int, B: int, T: int, d: int = 256, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    emb = torch.randn(V, d, generator=gen) / d**0.5
+    logits = torch.randn(B, T, V, generator=gen) * 4
+    ref = logits + 0.5 * torch.randn(B, T, V, generator=gen)
+    actions = torch.distributions.Categorical(logits=logits).sample()
+    return emb, logits, ref, actions
+
+
+# ---------------------------------------------------------------------------------- official
+
+
+def official_reimpl(pi_r, pi_theta, K, start, ends, seq, top_k, epsilon, max_iter, tol):
+    """The official `sparse_sinkhorn_sequence_topk` as described in the golden README, for timing.
+
+    (M, Ns) scalings, COO kernel restricted to the batch support, sparse.mm on transposes.
+    """
+    B, T, N = pi_r.shape
+    M = B * T
+    pr, pt = pi_r.view(M, N), pi_theta.view(M, N)
+    active = torch.cat([torch.arange(start, min(T, int(ends[b]))) + b * T for b in range(B)])
+    idx_r = torch.topk(pr[active], top_k, dim=-1).indices
+    idx_t = torch.topk(pt[active], top_k, dim=-1).indices
+    support = torch.unique(torch.cat([idx_r.flatten(), idx_t.flatten(), seq[:, start:].flatten()]))
+    support = torch.unique(torch.cat([support[support != 0], torch.tensor([1])]))
+    Ns = support.numel()
+    mapping = torch.full((N,), -1, dtype=torch.long)
+    mapping[support] = torch.arange(Ns)
+    pr_sub = torch.cat([pr[:, support], (1 - pr[:, support].sum(-1, keepdim=True)).clamp_min(0)], -1)
+    pt_sub = torch.cat([pt[:, support], (1 - pt[:, support].sum(-1, keepdim=True)).clamp_min(0)], -1)
+    idx, val = K.indices(), K.values()
+    keep = (mapping[idx[0]] >= 0) & (mapping[idx[1]] >= 0)
+    rows = torch.cat([mapping[idx[0, keep]], torch.tensor([Ns])])
+    cols = torch.cat([mapping[idx[1, keep]], torch.tensor([Ns])])
+    K_sub = torch.sparse_coo_tensor(
+        torch.stack([rows, cols]), torch.cat([val[keep], torch.ones(1)]), (Ns + 1, Ns + 1)
+    ).coalesce()
+    Kt_sub = K_sub.transpose(0, 1).coalesce()
+    u = torch.ones(M, Ns + 1)
+    v = torch.ones_like(u)
+    act = active
+    for _ in range(max_iter):
+        if act.numel() == 0:
+            break
+        u_new = pt_sub[act] / (torch.sparse.mm(K_sub, v[act].t()).t() + 1e-16)
+        v_new = pr_sub[act] / (torch.sparse.mm(Kt_sub, u_new.t()).t() + 1e-16)
+        delta = (u_new - u[act]).abs().max(dim=1).values
+        u[act], v[act] = u_new, v_new
+        act = act[delta > tol]
+    col = mapping[seq.reshape(M)]
+    col = torch.where(col < 0, Ns, col)
+    return (epsilon * torch.log(u + 1e-16))[torch.arange(M), col].view(B, T)
+
+
+def full_kernel(graph: CostGraph, epsilon: float) -> torch.Tensor:
+    V = graph.num_tokens
+    rows = torch.repeat_interleave(torch.arange(V), graph.indptr[1:] - graph.indptr[:-1])
+    idx = torch.cat([torch.stack([rows, graph.indices]), torch.arange(V).expand(2, V)], 1)
+    val = torch.cat([torch.exp(-graph.costs.float() / epsilon), torch.ones(V)])
+    return torch.sparse_coo_tensor(idx, val, (V, V)).coalesce()
+
+
+# ---------------------------------------------------------------------------------- sections
+
+
+def bench_speed(V: int, k1: int, k2: int, B: int, T: int, official_T: int, well_iter: int) -> dict:
+    emb, logits, ref, actions = synthetic(V, B, T)
+    t0 = time.perf_counter()
+    graph = CostGraph.from_embeddings(emb, k=k1)
+    build = time.perf_counter() - t0
+    eps = graph.median_knn_cost() / 10
+    n_tok = B * T
+    out = {"V": V, "k1": k1, "k2": k2, "eps": eps, "graph_s": build}
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        pair = compress_topk(logits, ref, actions, k2)
+        res = wpr_potentials_topk(pair, graph, epsilon=eps, max_iter=well_iter, tol=1e-6)
+        dt = time.perf_counter() - t0
+    out["wellposed"] = (n_tok / dt, mem.mb, res.converged_fraction, float(res.iterations.float().mean()))
+    out["bytes_per_token"] = pair.nbytes() / n_tok
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        res = wpr_potentials(
+            logits, ref, actions, graph, epsilon=eps, top_k=k2, max_iter=10, tol=1e-6,
+            method="paper", start=0,
+        )  # fmt: skip
+        dt = time.perf_counter() - t0
+    out["paper"] = (n_tok / dt, mem.mb, res.converged_fraction, res.support_size)
+    if official_T > 0:
+        K = full_kernel(graph, eps)
+        lo, la, ac = logits[:1, :official_T], ref[:1, :official_T], actions[:1, :official_T]
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            pi_r, pi_t = torch.softmax(la, -1), torch.softmax(lo, -1)
+            official_reimpl(pi_r, pi_t, K, 0, torch.tensor([official_T]), ac, k2, eps, 10, 1e-6)
+            dt = time.perf_counter() - t0
+        ours = wpr_potentials(
+            lo, la, ac, graph, epsilon=eps, top_k=k2, max_iter=10, tol=1e-6, method="paper", start=0
+        )
+        t1 = time.perf_counter()
+        wpr_potentials(
+            lo, la, ac, graph, epsilon=eps, top_k=k2, max_iter=10, tol=1e-6, method="paper", start=0
+        )
+        dt_ours = time.perf_counter() - t1
+        out["official"] = (official_T / dt, mem.mb, official_T / dt_ours, ours.support_size)
+    return out
+
+
+def bench_graph(V: int = 32000, d: int = 256, k1: int = 256) -> tuple[float, float]:
+    emb = torch.randn(V, d) / d**0.5
+    t0 = time.perf_counter()
+    CostGraph.from_embeddings(emb, k=k1)
+    dt = time.perf_counter() - t0
+    return dt, dt * (256000 / V) ** 2
+
+
+def golden_accuracy(full_all: bool, well_iter: int) -> list[tuple]:
+    rows = []
+    official = torch.load(GOLDEN / "official_outputs.pt", weights_only=True)
+    for path in sorted(GOLDEN.glob("n*.pt")):
+        case = torch.load(path, weights_only=True)
+        graph = CostGraph.from_embeddings(case["emb"], k=case["k1"], metric=case["metric"].lower())
+        act = case["active"]
+        gold = case["f_c_at_action"][act]
+        std = gold.std()
+
+        def err(pot: torch.Tensor, act=act, gold=gold, std=std) -> tuple[float, float]:
+            e = (pot[act].double() - gold).abs() / std
+            return float(e.mean()), float(e.max())
+
+        common = dict(mask=act, epsilon=case["eps"], tol=1e-6)
+        for key in official[case["name"]]:
+            k2, iters = (int(p.split("=")[1]) for p in key.split(","))
+            res = wpr_potentials(
+                case["logits"], case["logits_ref"], case["actions"], graph, top_k=k2,
+                max_iter=iters, method="paper", start=case["start"], **common,
+            )  # fmt: skip
+            rows.append((case["name"], f"paper {key}", *err(res.potential), res.converged_fraction))
+        ks: list[int | None] = [16, 64]
+        if full_all or graph.num_tokens <= 512:
+            ks.append(None)
+        for k2 in ks:
+            t0 = time.perf_counter()
+            res = wpr_potentials(
+                case["logits"], case["logits_ref"], case["actions"], graph, top_k=k2,
+                max_iter=well_iter, **common,
+            )  # fmt: skip
+            label = f"wellposed k2={'V' if k2 is None else k2}"
+            rows.append(
+                (case["name"], label, *err(res.potential), res.converged_fraction,
+                 time.perf_counter() - t0, float(res.iterations[act].float().mean()))
+            )  # fmt: skip
+    return rows
+
+
+def model_convergence(model_path: str | None, well_iter: int) -> dict:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if model_path:
+        ref_model = AutoModelForCausalLM.from_pretrained(model_path)
+        source = model_path
+    else:
+        cfg = LlamaConfig(
+            vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+        )  # fmt: skip
+        ref_model = LlamaForCausalLM(cfg)
+        source = "randomly initialised Llama (V=2048, d=64): no --model given"
+    policy = type(ref_model)(ref_model.config)
+    policy.load_state_dict(ref_model.state_dict())
+    with torch.no_grad():
+        for p in policy.parameters():  # a policy a few PPO steps away from the reference
+            p.add_(0.02 * p.std().nan_to_num(0.0) * torch.randn_like(p))
+        V = ref_model.config.vocab_size
+        ids = torch.randint(3, V, (4, 48))
+        lp, lr = policy(ids).logits.float(), ref_model(ids).logits.float()
+    emb = ref_model.get_input_embeddings().weight.detach().float()
+    graph = CostGraph.from_embeddings(emb, k=min(64, V - 1))
+    eps = graph.median_knn_cost() / 10
+    actions = torch.distributions.Categorical(logits=lp).sample()
+    out = {"source": source, "eps": eps, "V": V}
+    for method, iters in (("paper", 10), ("paper", 100), ("wellposed", 10), ("wellposed", well_iter)):
+        res = wpr_potentials(
+            lp, lr, actions, graph, epsilon=eps, top_k=64, max_iter=iters, tol=1e-6, method=method
+        )
+        out[f"{method} {iters} it"] = (
+            res.converged_fraction, res.infeasible_fraction, float(res.marginal_error.mean())
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="only V = 8000, fewer tokens")
+    ap.add_argument("--full-golden", action="store_true", help="k2 >= V on the N = 2000 cases too")
+    ap.add_argument("--model", default=None, help="HF folder for the convergence section")
+    ap.add_argument("--official-T", type=int, default=8, help="positions for the official timing")
+    ap.add_argument("--well-iter", type=int, default=3000, help="wellposed max_iter")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load {os.getloadavg()}")
+
+    print("\n== speed (B=4, T=128 unless --quick) ==")
+    settings = [(8000, 64, 64)] if args.quick else [(8000, 64, 64), (32000, 256, 128)]
+    B, T = (2, 32) if args.quick else (4, 128)
+    for V, k1, k2 in settings:
+        r = bench_speed(V, k1, k2, B, T, args.official_T, args.well_iter)
+        w, p = r["wellposed"], r["paper"]
+        print(f"V={V} k1={k1} k2={k2} eps={r['eps']:.3g} (graph build {r['graph_s']:.1f}s)")
+        print(f"  wellposed: {w[0]:8.1f} tokens/s, peak +{w[1]:.0f} MB, converged {w[2]:.2f}, mean it {w[3]:.0f}")
+        print(f"  paper    : {p[0]:8.1f} tokens/s, peak +{p[1]:.0f} MB, batch support {p[3]}")
+        if "official" in r:
+            o = r["official"]
+            print(
+                f"  official re-impl on {args.official_T} positions: {o[0]:.2f} tokens/s, peak "
+                f"+{o[1]:.0f} MB; our paper on the same positions {o[2]:.1f} tokens/s "
+                f"(x{o[2] / o[0]:.0f}; support {o[3]})"
+            )
+        full = 2 * V * 4
+        print(f"  bytes/token: TopKPair {r['bytes_per_token']:.0f} vs two float32 logit rows {full} (1/{full / r['bytes_per_token']:.0f})")
+        big = 2 * 256000 * 4
+        print(f"  at V=256000: TopKPair {r['bytes_per_token']:.0f} vs {big} bytes/token (1/{big / r['bytes_per_token']:.0f})")
+
+    if not args.quick:
+        print("\n== cost graph build ==")
+        dt, est = bench_graph()
+        print(f"V=32000 d=256 k1=256: {dt:.1f}s; O(V^2 d) estimate for V=256000: {est / 60:.0f} min")
+
+    if (GOLDEN / "official_outputs.pt").exists():
+        print("\n== golden accuracy: mean / max |error| of centered phi(y) in std units ==")
+        for row in golden_accuracy(args.full_golden, args.well_iter):
+            extra = f"  ({row[5]:.1f}s, mean it {row[6]:.0f})" if len(row) > 5 else ""
+            print(f"  {row[0]:38s} {row[1]:26s} {row[2]:6.3f} / {row[3]:6.3f}  converged {row[4]:.2f}{extra}")
+    else:
+        print(f"\n(golden cases not found in {GOLDEN}; accuracy section skipped)")
+
+    print("\n== convergence on model distributions (k1=64, k2=64, eps = median kNN cost / 10) ==")
+    conv = model_convergence(args.model, args.well_iter)
+    print(f"  source: {conv['source']}, V={conv['V']}, eps={conv['eps']:.3g}")
+    for key, val in conv.items():
+        if isinstance(val, tuple):
+            inf = "" if val[1] is None else f", infeasible {val[1]:.2f}"
+            print(f"  {key:18s}: converged {val[0]:.2f}{inf}, mean marginal error {val[2]:.2e}")
+
+
+if __name__ == "__main__":
+    main()

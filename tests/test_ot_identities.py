@@ -1,0 +1,233 @@
+"""WPR identities, numerical stability, the graph cache and bad input."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from wprctl.errors import UserError
+from wprctl.ot import (
+    CostGraph,
+    KernelUnderflowWarning,
+    compress_topk,
+    wpr_potentials,
+    wpr_potentials_topk,
+)
+from wprctl.ot.wellposed import support_neighbours
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "wpr"
+needs_golden = pytest.mark.skipif(
+    not (GOLDEN / "official_outputs.pt").exists(), reason=f"golden WPR cases not found in {GOLDEN}"
+)
+
+
+def random_problem(V: int = 300, d: int = 16, B: int = 2, T: int = 5, seed: int = 0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    emb = torch.randn(V, d, generator=gen) * scale
+    logits = torch.randn(B, T, V, generator=gen) * 3
+    ref = logits + 0.5 * torch.randn(B, T, V, generator=gen)
+    actions = torch.distributions.Categorical(logits=logits).sample()
+    return emb, logits, ref, actions
+
+
+@needs_golden
+def test_cat_kitten_table_near_neighbour_penalized_less() -> None:
+    case = torch.load(GOLDEN / "n512_cat_kitten_table_l2_k16_eps0.1.pt", weights_only=True)
+    graph = CostGraph.from_embeddings(case["emb"], k=16, metric="l2")
+    res = wpr_potentials(
+        case["logits"], case["logits_ref"], case["actions"], graph, epsilon=case["eps"],
+        top_k=64, max_iter=3000, tol=1e-6,
+    )  # fmt: skip
+    kitten, table = res.potential[0], res.potential[1]
+    assert torch.allclose(case["log_ratio_at_action"][0], case["log_ratio_at_action"][1])
+    assert (kitten < table).all(), (kitten, table)
+    assert torch.allclose(kitten.double(), case["f_c_at_action"][0], atol=0.03)
+
+
+@needs_golden
+def test_identical_policies_have_entropic_bias() -> None:
+    case = torch.load(GOLDEN / "n512_identical_l2_k16_eps0.1.pt", weights_only=True)
+    graph = CostGraph.from_embeddings(case["emb"], k=16, metric="l2")
+    mask = case["active"].clone()
+    mask[1:] = False
+    mask[0, 7:] = False  # 3 positions keep the untruncated solve fast
+    res = wpr_potentials(
+        case["logits"], case["logits_ref"], case["actions"], graph, epsilon=case["eps"],
+        top_k=None, max_iter=3000, tol=1e-6, mask=mask,
+    )  # fmt: skip
+    assert torch.equal(case["logits"], case["logits_ref"])
+    assert res.potential[mask].std() > 0.05  # not constant
+    gold = case["f_c_at_action"][mask]
+    std = case["f_c_at_action"][case["active"]].std()
+    assert ((res.potential[mask].double() - gold).abs() / std).mean() < 0.01
+
+
+def test_gauge_shift_leaves_centered_unchanged() -> None:
+    emb, logits, ref, actions = random_problem()
+    graph = CostGraph.from_embeddings(emb, k=12)
+    pair = compress_topk(logits, ref, actions, 20)
+    kw = dict(epsilon=0.5, max_iter=2000, tol=1e-6, gauge="centered", return_value=True)
+    base = wpr_potentials_topk(pair, graph, **kw)
+    raw = wpr_potentials_topk(pair, graph, **{**kw, "gauge": "raw"})
+    # Shift every potential by c: the centered penalty and the value must not move, the raw does.
+    from wprctl.ot import sinkhorn as S
+
+    orig = S.wellposed_sinkhorn
+
+    def shifted(*a, **k):
+        out = orig(*a, **k)
+        for n in ("F", "FD", "FR"):
+            out[n] = out[n] + 3.0
+        for n in ("G", "GD", "GR"):
+            out[n] = out[n] - 3.0
+        return out
+
+    S.wellposed_sinkhorn = shifted
+    try:
+        moved = wpr_potentials_topk(pair, graph, **kw)
+        moved_raw = wpr_potentials_topk(pair, graph, **{**kw, "gauge": "raw"})
+    finally:
+        S.wellposed_sinkhorn = orig
+    assert torch.allclose(base.potential, moved.potential, atol=1e-5)
+    assert torch.allclose(base.ot_value, moved.ot_value, atol=1e-5)
+    # raw is measured against the reservoir (f_R = g_R), which the shift also fixes
+    assert torch.allclose(raw.potential, moved_raw.potential, atol=1e-5)
+    assert not torch.allclose(raw.potential, base.potential, atol=1e-3)
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.001])
+def test_small_epsilon_l2_is_finite_and_warns(eps: float) -> None:
+    emb, logits, ref, actions = random_problem(scale=1.0)  # kNN L2 costs around 4
+    graph = CostGraph.from_embeddings(emb, k=12, metric="l2")
+    assert graph.underflow_fraction(eps) > 0.99
+    for method in ("wellposed", "paper"):
+        with pytest.warns(KernelUnderflowWarning, match="degenerates"):
+            graph._warned.clear()
+            res = wpr_potentials(
+                logits, ref, actions, graph, epsilon=eps, top_k=16, max_iter=50, tol=1e-6,
+                method=method, return_value=True,
+            )  # fmt: skip
+        assert torch.isfinite(res.potential).all() and torch.isfinite(res.ot_value).all()
+        assert torch.isfinite(res.marginal_error).all()
+
+
+def test_no_warning_when_kernel_alive() -> None:
+    emb, logits, ref, actions = random_problem(scale=0.05)
+    graph = CostGraph.from_embeddings(emb, k=12)
+    eps = graph.median_knn_cost() / 5
+    assert graph.underflow_fraction(eps) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelUnderflowWarning)
+        wpr_potentials(logits, ref, actions, graph, epsilon=eps, top_k=8, max_iter=5, tol=1e-6)
+
+
+def test_infeasible_case_reported_and_wellposed_still_solves() -> None:
+    """Policy mass on a token with no graph path to the reference's token: no exact coupling."""
+    V = 40
+    torch.manual_seed(0)
+    emb = torch.cat([torch.zeros(20, 2), torch.full((20, 2), 100.0)]) + 0.01 * torch.randn(V, 2)
+    graph = CostGraph.from_embeddings(emb, k=3)
+    logits = torch.full((1, 2, V), -30.0)
+    ref = torch.full((1, 2, V), -30.0)
+    logits[0, :, 5] = 5.0  # policy: cluster A
+    ref[0, :, 30] = 5.0  # reference: cluster B, not reachable in one hop
+    actions = torch.tensor([[5, 5]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        paper = wpr_potentials(
+            logits, ref, actions, graph, epsilon=0.5, top_k=4, max_iter=20, tol=1e-6,
+            method="paper",
+        )  # fmt: skip
+    assert paper.infeasible_fraction == 1.0
+    for eps in (0.5, 0.001):
+        well = wpr_potentials(
+            logits, ref, actions, graph, epsilon=eps, top_k=4, max_iter=500, tol=1e-6, gauge="raw"
+        )
+        assert well.converged_fraction == 1.0
+        assert (well.marginal_error <= 1e-6).all()
+        # the unmovable mass pays the reservoir's price, more than any move on the graph
+        assert torch.isfinite(well.potential).all()
+        assert (well.potential > 2 * graph.knn_cost.max()).all(), well.potential
+    short = wpr_potentials(logits, ref, actions, graph, epsilon=0.5, top_k=4, max_iter=2, tol=1e-12)
+    assert short.converged_fraction == 0.0 and (short.iterations == 2).all()
+
+
+def test_support_neighbours_are_the_symmetric_graph() -> None:
+    emb, logits, ref, actions = random_problem(V=60)
+    graph = CostGraph.from_embeddings(emb, k=5)
+    pair = compress_topk(logits, ref, actions, 10)
+    ids, valid = pair.indices.reshape(-1, pair.indices.shape[-1]), pair.valid.reshape(-1, pair.indices.shape[-1])
+    nb, cost = support_neighbours(graph, ids, valid)
+    dense = torch.full((60, 60), float("inf"), dtype=torch.float64)
+    rows = torch.repeat_interleave(torch.arange(60), graph.indptr[1:] - graph.indptr[:-1])
+    dense[rows, graph.indices] = graph.costs
+    dense.fill_diagonal_(0.0)
+    for p in range(ids.shape[0]):
+        for i in range(ids.shape[1]):
+            if not valid[p, i]:
+                continue
+            found = {int(ids[p, j]): float(c) for j, c in zip(nb[p, i], cost[p, i], strict=True) if c < float("inf")}
+            expect = {
+                int(ids[p, j]): float(dense[ids[p, i], ids[p, j]])
+                for j in range(ids.shape[1])
+                if valid[p, j] and dense[ids[p, i], ids[p, j]] < float("inf")
+            }
+            assert found == pytest.approx(expect)
+
+
+def test_cache_is_keyed_by_content(tmp_path: Path) -> None:
+    emb = torch.randn(100, 8)
+    g1 = CostGraph.from_embeddings(emb, k=5, cache_dir=tmp_path)
+    files = list(tmp_path.glob("*.pt"))
+    assert len(files) == 1
+    again = CostGraph.from_embeddings(emb.clone(), k=5, cache_dir=tmp_path)
+    assert torch.equal(again.knn, g1.knn) and len(list(tmp_path.glob("*.pt"))) == 1
+    other = emb.flip(0)  # same rows, different tokens: a different model
+    g2 = CostGraph.from_embeddings(other, k=5, cache_dir=tmp_path)
+    assert not torch.equal(g2.knn, g1.knn)
+    assert torch.equal(g2.knn, CostGraph.from_embeddings(other, k=5).knn)
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    # a file whose stored key does not match (renamed, stale, corrupt) is rebuilt, not trusted
+    f2 = [f for f in tmp_path.glob("*.pt") if f != files[0]][0]
+    f2.write_bytes(files[0].read_bytes())
+    g3 = CostGraph.from_embeddings(other, k=5, cache_dir=tmp_path)
+    assert torch.equal(g3.knn, g2.knn)
+    assert CostGraph.from_embeddings(emb, k=6, cache_dir=tmp_path).k == 6
+
+
+def test_neighbors_sorted_and_symmetric() -> None:
+    emb = torch.randn(50, 4)
+    graph = CostGraph.from_embeddings(emb, k=3, metric="cos")
+    ids, costs = graph.neighbors(7, 100)
+    assert (costs[1:] >= costs[:-1]).all() and len(ids) >= 3
+    for j, c in zip(ids.tolist(), costs.tolist(), strict=True):
+        back, back_c = graph.neighbors(j, None)
+        assert 7 in back.tolist()
+        assert back_c[back.tolist().index(7)].item() == pytest.approx(c)
+        cos = torch.nn.functional.cosine_similarity(emb[7:8].double(), emb[j : j + 1].double())
+        assert c == pytest.approx(1 - cos.item(), abs=1e-9)
+
+
+def test_bad_input_raises_user_error() -> None:
+    emb, logits, ref, actions = random_problem(V=50)
+    graph = CostGraph.from_embeddings(emb, k=4)
+    kw = dict(epsilon=0.1, top_k=8, max_iter=10, tol=1e-6)
+    with pytest.raises(UserError, match="k1.*\\[1, 49\\]"):
+        CostGraph.from_embeddings(emb, k=50)
+    with pytest.raises(UserError, match="same \\(B, T, V\\) shape"):
+        wpr_potentials(logits, ref[:, :3], actions, graph, **kw)
+    with pytest.raises(UserError, match="actions must be"):
+        wpr_potentials(logits, ref, actions[:, :2], graph, **kw)
+    with pytest.raises(UserError, match="epsilon must be"):
+        wpr_potentials(logits, ref, actions, graph, **{**kw, "epsilon": 0.0})
+    with pytest.raises(UserError, match="epsilon must be"):
+        graph.underflow_fraction(-1.0)
+    with pytest.raises(UserError, match="vocabulary of 60"):
+        wpr_potentials(*random_problem(V=60)[1:], graph, **kw)
+    with pytest.raises(UserError, match="method"):
+        wpr_potentials(logits, ref, actions, graph, **kw, method="exact")
+    with pytest.raises(UserError, match="metric"):
+        CostGraph.from_embeddings(emb, k=4, metric="dot")
