@@ -31,7 +31,7 @@ def main() -> None:
         "kl": ["--set", "ppo.regularizer.kind=kl"],
         "wpr-paper": ["--set", "ppo.regularizer.kind=wpr", "--set", "ppo.regularizer.wpr.method=paper"],
         "wpr-wellposed": ["--set", "ppo.regularizer.kind=wpr", "--set", "ppo.regularizer.wpr.method=wellposed",
-                          "--set", "ppo.regularizer.wpr.max_iter=200", "--set", "ppo.regularizer.wpr.gauge=centered"],
+                          "--set", "ppo.regularizer.wpr.max_iter=50", "--set", "ppo.regularizer.wpr.gauge=centered"],
     }  # fmt: skip
     table = {}
     for name, sets in variants.items():
