@@ -96,8 +96,12 @@ def official_reimpl(pi_r, pi_theta, K, start, ends, seq, top_k, epsilon, max_ite
     Ns = support.numel()
     mapping = torch.full((N,), -1, dtype=torch.long)
     mapping[support] = torch.arange(Ns)
-    pr_sub = torch.cat([pr[:, support], (1 - pr[:, support].sum(-1, keepdim=True)).clamp_min(0)], -1)
-    pt_sub = torch.cat([pt[:, support], (1 - pt[:, support].sum(-1, keepdim=True)).clamp_min(0)], -1)
+    pr_sub = torch.cat(
+        [pr[:, support], (1 - pr[:, support].sum(-1, keepdim=True)).clamp_min(0)], -1
+    )
+    pt_sub = torch.cat(
+        [pt[:, support], (1 - pt[:, support].sum(-1, keepdim=True)).clamp_min(0)], -1
+    )
     idx, val = K.indices(), K.values()
     keep = (mapping[idx[0]] >= 0) & (mapping[idx[1]] >= 0)
     rows = torch.cat([mapping[idx[0, keep]], torch.tensor([Ns])])
@@ -146,7 +150,12 @@ def bench_speed(V: int, k1: int, k2: int, B: int, T: int, official_T: int, well_
         pair = compress_topk(logits, ref, actions, k2)
         res = wpr_potentials_topk(pair, graph, epsilon=eps, max_iter=well_iter, tol=1e-6)
         dt = time.perf_counter() - t0
-    out["wellposed"] = (n_tok / dt, mem.mb, res.converged_fraction, float(res.iterations.float().mean()))
+    out["wellposed"] = (
+        n_tok / dt,
+        mem.mb,
+        res.converged_fraction,
+        float(res.iterations.float().mean()),
+    )
     out["bytes_per_token"] = pair.nbytes() / n_tok
     with PeakRSS() as mem:
         t0 = time.perf_counter()
@@ -250,12 +259,19 @@ def model_convergence(model_path: str | None, well_iter: int) -> dict:
     eps = graph.median_knn_cost() / 10
     actions = torch.distributions.Categorical(logits=lp).sample()
     out = {"source": source, "eps": eps, "V": V}
-    for method, iters in (("paper", 10), ("paper", 100), ("wellposed", 10), ("wellposed", well_iter)):
+    for method, iters in (
+        ("paper", 10),
+        ("paper", 100),
+        ("wellposed", 10),
+        ("wellposed", well_iter),
+    ):
         res = wpr_potentials(
             lp, lr, actions, graph, epsilon=eps, top_k=64, max_iter=iters, tol=1e-6, method=method
         )
         out[f"{method} {iters} it"] = (
-            res.converged_fraction, res.infeasible_fraction, float(res.marginal_error.mean())
+            res.converged_fraction,
+            res.infeasible_fraction,
+            float(res.marginal_error.mean()),
         )
     return out
 
@@ -278,7 +294,9 @@ def main() -> None:
         r = bench_speed(V, k1, k2, B, T, args.official_T, args.well_iter)
         w, p = r["wellposed"], r["paper"]
         print(f"V={V} k1={k1} k2={k2} eps={r['eps']:.3g} (graph build {r['graph_s']:.1f}s)")
-        print(f"  wellposed: {w[0]:8.1f} tokens/s, peak +{w[1]:.0f} MB, converged {w[2]:.2f}, mean it {w[3]:.0f}")
+        print(
+            f"  wellposed: {w[0]:8.1f} tokens/s, peak +{w[1]:.0f} MB, converged {w[2]:.2f}, mean it {w[3]:.0f}"
+        )
         print(f"  paper    : {p[0]:8.1f} tokens/s, peak +{p[1]:.0f} MB, batch support {p[3]}")
         if "official" in r:
             o = r["official"]
@@ -288,20 +306,28 @@ def main() -> None:
                 f"(x{o[2] / o[0]:.0f}; support {o[3]})"
             )
         full = 2 * V * 4
-        print(f"  bytes/token: TopKPair {r['bytes_per_token']:.0f} vs two float32 logit rows {full} (1/{full / r['bytes_per_token']:.0f})")
+        print(
+            f"  bytes/token: TopKPair {r['bytes_per_token']:.0f} vs two float32 logit rows {full} (1/{full / r['bytes_per_token']:.0f})"
+        )
         big = 2 * 256000 * 4
-        print(f"  at V=256000: TopKPair {r['bytes_per_token']:.0f} vs {big} bytes/token (1/{big / r['bytes_per_token']:.0f})")
+        print(
+            f"  at V=256000: TopKPair {r['bytes_per_token']:.0f} vs {big} bytes/token (1/{big / r['bytes_per_token']:.0f})"
+        )
 
     if not args.quick:
         print("\n== cost graph build ==")
         dt, est = bench_graph()
-        print(f"V=32000 d=256 k1=256: {dt:.1f}s; O(V^2 d) estimate for V=256000: {est / 60:.0f} min")
+        print(
+            f"V=32000 d=256 k1=256: {dt:.1f}s; O(V^2 d) estimate for V=256000: {est / 60:.0f} min"
+        )
 
     if (GOLDEN / "official_outputs.pt").exists():
         print("\n== golden accuracy: mean / max |error| of centered phi(y) in std units ==")
         for row in golden_accuracy(args.full_golden, args.well_iter):
             extra = f"  ({row[5]:.1f}s, mean it {row[6]:.0f})" if len(row) > 5 else ""
-            print(f"  {row[0]:38s} {row[1]:26s} {row[2]:6.3f} / {row[3]:6.3f}  converged {row[4]:.2f}{extra}")
+            print(
+                f"  {row[0]:38s} {row[1]:26s} {row[2]:6.3f} / {row[3]:6.3f}  converged {row[4]:.2f}{extra}"
+            )
     else:
         print(f"\n(golden cases not found in {GOLDEN}; accuracy section skipped)")
 

@@ -16,11 +16,24 @@ SHARED = REPO.parent / "shared"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Set by any test that starts a process group in-process (DAR's stage tests do); a child that
+# inherited them would try to join that group's port instead of making its own.
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a `wprctl` child process: ours, without process-group variables."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env["COLUMNS"] = "200"
+    env.update(extra or {})
+    return env
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 900
 ) -> subprocess.CompletedProcess[str]:
     """Run `wprctl ARGS` as a user would, in a subprocess; returns the completed process."""
-    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    full_env = clean_env(env)
     return subprocess.run(
         [sys.executable, "-m", "wprctl", *args],
         cwd=cwd,
@@ -60,7 +73,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # The demo project that several stage tests share: SFT and RM trained once with the demo's own
 # settings (what `wprctl quickstart` runs), so tests check the behaviour users see.
-DEMO_STAGE_SETS: list[str] = []
+DEMO_STAGE_SETS: list[str] = ["--set", "sft.epochs=1", "--set", "rm.epochs=1"]
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ checkpoint and resumed ends with the uninterrupted run's weights and metrics."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,12 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import clean_env
+
 # One thread per process: the machine's cores are shared, and oversubscribed BLAS threads make
 # the tiny model several times slower. Same thread count in and out of process: same float sums.
 ENV = {"OMP_NUM_THREADS": "1"}
-# An in-process stage leaves its one-rank process group's variables in os.environ; a child that
-# inherited them would think it runs under the launcher.
-DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 DATA = ["--set", "data.demo.n_train=1000", "--set", "data.demo.n_validation=40"]
 DAR = [
     *DATA,
@@ -50,8 +48,8 @@ def wprctl(*args: str) -> int:
 
 
 def _child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    return {**env, **ENV, "COLUMNS": "200"}
+    # An in-process stage leaves its one-rank process group's variables in os.environ.
+    return clean_env(ENV)
 
 
 def _metrics(path: Path) -> list[dict]:

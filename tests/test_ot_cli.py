@@ -49,7 +49,7 @@ def test_cost_graph_json_and_table(tiny_model: Path, tmp_path: Path) -> None:
     data = json.loads(res.stdout)
     assert data["k1"] == 5 and data["metric"] == "l2" and data["epsilon"] == 0.0001
     assert data["underflow_fraction"] > 0.99 and data["degenerate"] is True
-    cat, odd = data["tokens"]
+    cat, _odd = data["tokens"]
     tok = AutoTokenizer.from_pretrained(tiny_model)
     assert cat["token_id"] == tok("cat", add_special_tokens=False)["input_ids"][0]
     assert len(cat["neighbors"]) == 3
@@ -64,7 +64,17 @@ def test_cost_graph_json_and_table(tiny_model: Path, tmp_path: Path) -> None:
     assert costs == pytest.approx(lib_costs.tolist())
     assert any("xyzzy" in note and "first" in note for note in data["notes"])
 
-    table = run_cli("cost-graph", "--model", str(tiny_model), "--k", "5", "--epsilon", "0.0001", "cat", cwd=tmp_path)
+    table = run_cli(
+        "cost-graph",
+        "--model",
+        str(tiny_model),
+        "--k",
+        "5",
+        "--epsilon",
+        "0.0001",
+        "cat",
+        cwd=tmp_path,
+    )
     assert table.returncode == 0, table.stderr
     assert "kernel underflow" in table.stdout and "WARNING" in table.stdout
     assert str(cat["neighbors"][0]["token_id"]) in table.stdout
@@ -83,7 +93,7 @@ def test_cost_graph_bad_input(tiny_model: Path, tmp_path: Path) -> None:
 
 def test_cost_graph_uses_manifest_defaults(tiny_model: Path, tmp_path: Path) -> None:
     (tmp_path / "wprctl.toml").write_text(
-        "[ppo.regularizer.wpr]\nk1 = 4\nmetric = \"cos\"\nepsilon = 0.5\n"
+        '[ppo.regularizer.wpr]\nk1 = 4\nmetric = "cos"\nepsilon = 0.5\n'
     )
     res = run_cli("cost-graph", "--model", str(tiny_model), "--json", "dog", cwd=tmp_path)
     assert res.returncode == 0, res.stderr

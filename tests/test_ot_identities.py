@@ -159,7 +159,10 @@ def test_support_neighbours_are_the_symmetric_graph() -> None:
     emb, logits, ref, actions = random_problem(V=60)
     graph = CostGraph.from_embeddings(emb, k=5)
     pair = compress_topk(logits, ref, actions, 10)
-    ids, valid = pair.indices.reshape(-1, pair.indices.shape[-1]), pair.valid.reshape(-1, pair.indices.shape[-1])
+    ids, valid = (
+        pair.indices.reshape(-1, pair.indices.shape[-1]),
+        pair.valid.reshape(-1, pair.indices.shape[-1]),
+    )
     nb, cost = support_neighbours(graph, ids, valid)
     dense = torch.full((60, 60), float("inf"), dtype=torch.float64)
     rows = torch.repeat_interleave(torch.arange(60), graph.indptr[1:] - graph.indptr[:-1])
@@ -169,7 +172,11 @@ def test_support_neighbours_are_the_symmetric_graph() -> None:
         for i in range(ids.shape[1]):
             if not valid[p, i]:
                 continue
-            found = {int(ids[p, j]): float(c) for j, c in zip(nb[p, i], cost[p, i], strict=True) if c < float("inf")}
+            found = {
+                int(ids[p, j]): float(c)
+                for j, c in zip(nb[p, i], cost[p, i], strict=True)
+                if c < float("inf")
+            }
             expect = {
                 int(ids[p, j]): float(dense[ids[p, i], ids[p, j]])
                 for j in range(ids.shape[1])
@@ -191,7 +198,7 @@ def test_cache_is_keyed_by_content(tmp_path: Path) -> None:
     assert torch.equal(g2.knn, CostGraph.from_embeddings(other, k=5).knn)
     assert len(list(tmp_path.glob("*.pt"))) == 2
     # a file whose stored key does not match (renamed, stale, corrupt) is rebuilt, not trusted
-    f2 = [f for f in tmp_path.glob("*.pt") if f != files[0]][0]
+    f2 = next(f for f in tmp_path.glob("*.pt") if f != files[0])
     f2.write_bytes(files[0].read_bytes())
     g3 = CostGraph.from_embeddings(other, k=5, cache_dir=tmp_path)
     assert torch.equal(g3.knn, g2.knn)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import clean_env, run_cli
 
 EXPECTED_PLOTS = {
     "sft_loss.png", "rm_training.png", "policy_reward.png", "policy_penalty.png", "policy_kl.png",
@@ -76,7 +75,7 @@ def test_run_resumes_a_killed_stage(tmp_path: Path) -> None:
             "--set", "data.demo.n_train=300", "--set", "data.demo.n_validation=40", "--set", "sft.max_steps=4",
             "--set", "rm.max_steps=8", "--set", "rm.save_every=2", "--set", "rm.batch_size=8", "--set", "sft.batch_size=8"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "wprctl", "run", "-m", manifest, *sets],
-                            env={**os.environ, "COLUMNS": "200"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                            env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     latest = tmp_path / "runs" / "rm" / "checkpoints" / "latest"
     deadline = time.time() + 600
     while time.time() < deadline and not latest.exists():

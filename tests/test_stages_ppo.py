@@ -4,7 +4,6 @@ exact resume after SIGKILL, two processes, and APPS mode with the executor's rew
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import clean_env, run_cli
 from wprctl.codeexec.problems import BUILTIN_SAMPLES_PATH
 
-PPO_SHORT = ["--set", "ppo.max_steps=12", "--set", "ppo.eval_prompts=48", "--set", "ppo.save_every=1000"]
+PPO_SHORT = ["--set", "ppo.max_steps=8", "--set", "ppo.eval_prompts=48", "--set", "ppo.save_every=1000"]
 
 
 def _state(root: Path, name: str) -> dict:
@@ -31,7 +30,7 @@ def test_ppo_raises_heldout_reward_over_sft(demo_project: Path, variant: str) ->
     assert metrics["eval/reward"] > metrics["eval/reward_start"]
     rows = [json.loads(x) for x in (demo_project / "runs" / variant / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "train/reward" in r]
-    assert len(train) == 12
+    assert len(train) == 8
     for key in ("train/kl_ref", "train/penalty", "train/entropy", "train/policy_clipfrac", "train/value_clipfrac",
                 "train/time/generation", "train/time/regularizer", "train/time/training", "train/length"):  # fmt: skip
         assert key in train[-1], key
@@ -69,7 +68,7 @@ def test_ppo_kill_and_resume_equals_uninterrupted(demo_project: Path, tmp_path: 
     killed = _explicit_models(demo_project, tmp_path / "killed")
     proc = subprocess.Popen(
         [sys.executable, "-m", "wprctl", "ppo", "-m", manifest, *killed, *steps],
-        env={**os.environ, "COLUMNS": "200"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     latest = tmp_path / "killed" / "ppo" / "checkpoints" / "latest"
     deadline = time.time() + 600

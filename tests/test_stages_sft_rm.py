@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import clean_env, run_cli
 
 # A micro project: seconds per stage, enough to exercise every mechanism.
 MICRO = [
@@ -91,7 +90,7 @@ def test_sft_kill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
 
     killed = _init(tmp_path / "killed")
-    env = {**os.environ, "COLUMNS": "200"}
+    env = clean_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "wprctl", "sft", "-m", str(killed), *args],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -157,7 +156,7 @@ def test_rm_without_sft_output_is_exit_2(tmp_path: Path) -> None:
 def test_corrupt_checkpoint_on_resume_is_exit_2(tmp_path: Path) -> None:
     manifest = _init(tmp_path)
     args = [*MICRO, "--set", "sft.max_steps=4", "--set", "sft.save_every=2"]
-    env = {**os.environ, "COLUMNS": "200"}
+    env = clean_env()
     proc = subprocess.Popen([sys.executable, "-m", "wprctl", "sft", "-m", str(manifest), *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     ckpt = tmp_path / "runs" / "sft" / "checkpoints"

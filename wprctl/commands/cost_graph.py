@@ -11,6 +11,7 @@ import typer
 from wprctl.commands.options import DEFAULT_MANIFEST, JsonOpt, ManifestOpt
 from wprctl.errors import UserError
 
+
 def _defaults(manifest_path: Path, explicit: bool) -> tuple[Any, dict[str, Any]]:
     from wprctl.manifest import WPRConfig, load_manifest
 
@@ -19,7 +20,9 @@ def _defaults(manifest_path: Path, explicit: bool) -> tuple[Any, dict[str, Any]]
         w = manifest.ppo.regularizer.wpr
         return manifest, {"k1": w.k1, "metric": w.metric, "epsilon": w.epsilon}
     if explicit:
-        raise UserError(f"{manifest_path}: no manifest here (pass -m PATH to an existing wprctl.toml)")
+        raise UserError(
+            f"{manifest_path}: no manifest here (pass -m PATH to an existing wprctl.toml)"
+        )
     w = WPRConfig()
     return None, {"k1": w.k1, "metric": w.metric, "epsilon": w.epsilon}
 
@@ -62,7 +65,9 @@ def _token_id(tokenizer: Any, word: str, vocab: int) -> tuple[int, str | None]:
     if word.isdigit() and word not in tokenizer.get_vocab():
         tid = int(word)
         if tid >= vocab:
-            raise UserError(f"cost-graph: token id {tid} is outside the vocabulary [0, {vocab - 1}]")
+            raise UserError(
+                f"cost-graph: token id {tid} is outside the vocabulary [0, {vocab - 1}]"
+            )
         return tid, None
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]
     if not ids:
@@ -83,7 +88,9 @@ def register(app: typer.Typer) -> None:
         manifest: ManifestOpt = DEFAULT_MANIFEST,
         model: Annotated[
             str | None,
-            typer.Option("--model", help="Model folder (Hugging Face) or a stage name (default sft)."),
+            typer.Option(
+                "--model", help="Model folder (Hugging Face) or a stage name (default sft)."
+            ),
         ] = None,
         k: Annotated[
             int | None, typer.Option("--k", min=1, help="k1: graph neighbours per token.")
@@ -127,7 +134,11 @@ def register(app: typer.Typer) -> None:
                     "token_id": tid,
                     "token": tokenizer.convert_ids_to_tokens(tid),
                     "neighbors": [
-                        {"token_id": int(i), "token": tokenizer.convert_ids_to_tokens(int(i)), "cost": float(c)}
+                        {
+                            "token_id": int(i),
+                            "token": tokenizer.convert_ids_to_tokens(int(i)),
+                            "cost": float(c),
+                        }
                         for i, c in zip(ids.tolist(), costs.tolist(), strict=True)
                     ],
                 }
@@ -158,7 +169,9 @@ def register(app: typer.Typer) -> None:
             table.add_column("token")
             table.add_column(f"cost ({metric_v})", justify="right")
             for rank, nb in enumerate(r["neighbors"], 1):
-                table.add_row(str(rank), str(nb["token_id"]), repr(nb["token"]), f"{nb['cost']:.4f}")
+                table.add_row(
+                    str(rank), str(nb["token_id"]), repr(nb["token"]), f"{nb['cost']:.4f}"
+                )
             console.print(table)
         style = "bold red" if summary["degenerate"] else "green"
         console.print(

@@ -75,7 +75,9 @@ def _knn_blocks(emb: torch.Tensor, k: int, metric: Metric) -> torch.Tensor:
     return out
 
 
-def _pair_costs(emb: torch.Tensor, i: torch.Tensor, j: torch.Tensor, metric: Metric) -> torch.Tensor:
+def _pair_costs(
+    emb: torch.Tensor, i: torch.Tensor, j: torch.Tensor, metric: Metric
+) -> torch.Tensor:
     """Exact float64 costs of the pairs (i, j), computed in chunks."""
     e = emb.to(torch.float64)
     if metric == "cos":
@@ -159,7 +161,9 @@ class CostGraph:
         src, dst = edge_key // V, edge_key % V
         indptr = torch.zeros(V + 1, dtype=torch.long, device=emb.device)
         indptr[1:] = torch.cumsum(torch.bincount(src, minlength=V), 0)
-        return cls(V, k, metric, knn.cpu(), knn_cost.cpu(), indptr.cpu(), dst.cpu(), cost.cpu(), key)
+        return cls(
+            V, k, metric, knn.cpu(), knn_cost.cpu(), indptr.cpu(), dst.cpu(), cost.cpu(), key
+        )
 
     def _save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,7 @@ def paper_sinkhorn(
     after the last update (the b-marginal is exact then), converged flags and an infeasibility
     flag (see the module docstring).
     """
-    n, P = a.shape
+    _n, P = a.shape
     u = torch.ones_like(a)
     v = torch.ones_like(b)
     iters = torch.zeros(P, dtype=torch.long, device=a.device)

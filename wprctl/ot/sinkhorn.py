@@ -33,7 +33,7 @@ class WPRResult:
     marginal_error: torch.Tensor  # (B, T) float32 L1 marginal error of the returned scalings
     converged_fraction: float  # over masked-in positions
     infeasible_fraction: float | None  # paper only: detected infeasible truncated problems
-    support_size: int  # paper: batch-wide support; wellposed: largest per-position support
+    support_size: int  # paper: batch-wide support + the dust bin; wellposed: largest per-position support
     method: str = "wellposed"
 
 
@@ -223,7 +223,7 @@ def _wellposed(
     reservoir: float,
     reservoir_scale: float,
     dtype: torch.dtype,
-    omega: float = 1.0,
+    omega: float = 1.5,
     reservoir_margin: float = 30.0,
 ) -> WPRResult:
     mask = pair.mask
@@ -239,7 +239,18 @@ def _wellposed(
     # far enough that exp(-Lambda/eps) < 1e-13: a feasible problem never notices the reservoir
     lam_r = reservoir_scale * float(graph.knn_cost.max()) + reservoir_margin * epsilon
     out = wellposed_sinkhorn(
-        la, lb, tail_a, tail_b, nb, cost, lam, lam_r, epsilon, max_iter, tol, reservoir=reservoir,
+        la,
+        lb,
+        tail_a,
+        tail_b,
+        nb,
+        cost,
+        lam,
+        lam_r,
+        epsilon,
+        max_iter,
+        tol,
+        reservoir=reservoir,
         omega=omega,
     )
     F, G, FD, GD = out["F"], out["G"], out["FD"], out["GD"]
@@ -261,7 +272,9 @@ def _wellposed(
             - (a * la.masked_fill(~valid, 0.0)).sum(1) - _xlogx(tail_a)
             - (b * lb.masked_fill(~valid, 0.0)).sum(1) - _xlogx(tail_b)
         )  # fmt: skip
-    return _finish(mask, phi, value, out, None, int(valid.sum(1).max()) if valid.numel() else 0, "wellposed")
+    return _finish(
+        mask, phi, value, out, None, int(valid.sum(1).max()) if valid.numel() else 0, "wellposed"
+    )
 
 
 # ------------------------------------------------------------------------------------ public
@@ -288,7 +301,7 @@ def wpr_potentials(
     reservoir: float = 2.0,
     reservoir_scale: float = 2.0,
     reservoir_margin: float = 30.0,
-    omega: float = 1.0,
+    omega: float = 1.5,
     dtype: torch.dtype = torch.float64,
 ) -> WPRResult:
     """WPR penalty phi (B, T) at ``actions`` from full (B, T, V) logits (policy a, reference b).
@@ -334,7 +347,7 @@ def wpr_potentials_topk(
     reservoir: float = 2.0,
     reservoir_scale: float = 2.0,
     reservoir_margin: float = 30.0,
-    omega: float = 1.0,
+    omega: float = 1.5,
     dtype: torch.dtype = torch.float64,
 ) -> WPRResult:
     """WPR penalty from the compressed form (see ``compress_topk``); same result fields.
@@ -354,6 +367,17 @@ def wpr_potentials_topk(
         raise UserError(f"WPR: reservoir must be a finite number > 1, got {reservoir!r}")
     graph.check_underflow(epsilon, torch.float32)
     return _wellposed(
-        pair, graph, epsilon, max_iter, tol, gauge, return_value, dust_scale, reservoir,
-        reservoir_scale, dtype, omega=omega, reservoir_margin=reservoir_margin,
+        pair,
+        graph,
+        epsilon,
+        max_iter,
+        tol,
+        gauge,
+        return_value,
+        dust_scale,
+        reservoir,
+        reservoir_scale,
+        dtype,
+        omega=omega,
+        reservoir_margin=reservoir_margin,
     )

@@ -132,10 +132,18 @@ def compress_topk(
         if full:
             ids = torch.arange(V, device=device).expand(hi - lo, V)
         else:
-            ids = torch.cat(
-                [torch.topk(lp, k, dim=-1).indices, torch.topk(lq, k, dim=-1).indices, flat_y[lo:hi]],
-                dim=-1,
-            ).sort(dim=-1).values
+            ids = (
+                torch.cat(
+                    [
+                        torch.topk(lp, k, dim=-1).indices,
+                        torch.topk(lq, k, dim=-1).indices,
+                        flat_y[lo:hi],
+                    ],
+                    dim=-1,
+                )
+                .sort(dim=-1)
+                .values
+            )
         flat_idx[lo:hi] = ids
         flat_lp[lo:hi] = lp.gather(1, ids)
         flat_lq[lo:hi] = lq.gather(1, ids)

@@ -24,7 +24,8 @@ Solver. Log-domain Sinkhorn on F = f/eps, G = g/eps (never exp(-C/eps) itself, s
 with L2 costs is fine): F_i = log a_i - LSE_j(G_j - C_ij/eps) over j in N(i) U {i, D, R}, the
 same for G. Each position stops as soon as the L1 error of its b-marginal (the a-marginal is
 exact after the F step) is <= tol; it is then frozen, so the result does not depend on
-``max_iter`` once converged. ``omega`` > 1 over-relaxes the updates (optional; 1 = plain).
+``max_iter`` once converged. ``omega`` (default 1.5) over-relaxes the updates that drive the next step; the stopping
+certificate is always a plain step, so omega changes speed, not what "converged" means.
 The in-support graph is gathered per position as padded neighbour lists (P, S, m) from the
 (V, k1) kNN lists; nothing is V x V.
 
@@ -124,7 +125,18 @@ def _relax(old: torch.Tensor, new: torch.Tensor, omega: float) -> torch.Tensor:
     return torch.where(torch.isfinite(new) & torch.isfinite(old), old + omega * (new - old), new)
 
 
-def wellposed_sinkhorn(
+def wellposed_sinkhorn(*args, **kwargs) -> dict[str, torch.Tensor]:
+    """``_sinkhorn`` with subnormal floats flushed to zero (exp of very negative log-masses
+    otherwise makes CPU arithmetic several times slower; subnormals are far below tol)."""
+    flushed = torch.set_flush_denormal(True)
+    try:
+        return _sinkhorn(*args, **kwargs)
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
+
+
+def _sinkhorn(
     la: torch.Tensor,
     lb: torch.Tensor,
     tail_a: torch.Tensor,
@@ -137,7 +149,7 @@ def wellposed_sinkhorn(
     max_iter: int,
     tol: float,
     reservoir: float = 2.0,
-    omega: float = 1.0,
+    omega: float = 1.5,
 ) -> dict[str, torch.Tensor]:
     """Log-domain Sinkhorn of the module docstring on P positions with S slots each.
 
