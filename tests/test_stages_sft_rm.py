@@ -155,14 +155,14 @@ def test_rm_without_sft_output_is_exit_2(tmp_path: Path) -> None:
 
 def test_corrupt_checkpoint_on_resume_is_exit_2(tmp_path: Path) -> None:
     manifest = _init(tmp_path)
-    args = [*MICRO, "--set", "sft.max_steps=4", "--set", "sft.save_every=2"]
+    args = [*MICRO, "--set", "sft.max_steps=24", "--set", "sft.save_every=2"]
     env = clean_env()
     proc = subprocess.Popen([sys.executable, "-m", "wprctl", "sft", "-m", str(manifest), *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     ckpt = tmp_path / "runs" / "sft" / "checkpoints"
     deadline = time.time() + 600
     while time.time() < deadline and not (ckpt / "latest").exists():
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     for f in (ckpt / "model").rglob("*.pt"):
