@@ -19,7 +19,9 @@ def wprctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         check=False,
     )
     if check and proc.returncode != 0:
-        raise SystemExit(f"wprctl {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise SystemExit(
+            f"wprctl {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
     return proc
 
 

@@ -46,7 +46,11 @@ def main() -> None:
         table[name] = {ph: sum(r[f"train/time/{ph}"] for r in rows) / len(rows) for ph in PHASES}
     print(f"{'regularizer':<15}" + "".join(f"{ph:>13}" for ph in PHASES) + f"{'step':>10}")
     for name, t in table.items():
-        print(f"{name:<15}" + "".join(f"{t[ph]:>13.3f}" for ph in PHASES) + f"{sum(t.values()):>10.3f}")
+        print(
+            f"{name:<15}"
+            + "".join(f"{t[ph]:>13.3f}" for ph in PHASES)
+            + f"{sum(t.values()):>10.3f}"
+        )
     base = sum(table["kl"].values())
     for name in ("wpr-paper", "wpr-wellposed"):
         print(f"{name}/kl step-time ratio: {sum(table[name].values()) / base:.3f}")

@@ -25,10 +25,16 @@ def main() -> None:
     wprctl("quickstart", str(root), *(["--small"] if args.small else []))
     seconds = time.time() - t0
     status = json.loads(wprctl("status", "-m", str(root / "wprctl.toml"), "--json").stdout)
-    print(f"quickstart{' --small' if args.small else ''}: {seconds:.0f} s (target <= 600 s) in {root}")
+    print(
+        f"quickstart{' --small' if args.small else ''}: {seconds:.0f} s (target <= 600 s) in {root}"
+    )
     print(f"{'stage':<26}{'seconds':>9}  key metrics")
     for row in status["stages"]:
-        shown = {k: v for k, v in row["metrics"].items() if k.startswith(("eval/", "win", "pass@", "strict"))}
+        shown = {
+            k: v
+            for k, v in row["metrics"].items()
+            if k.startswith(("eval/", "win", "pass@", "strict"))
+        }
         text = ", ".join(f"{k} {v:.3f}" for k, v in list(shown.items())[:6])
         print(f"{row['name']:<26}{(row['seconds'] or 0):>9.0f}  {text}")
 

@@ -21,7 +21,14 @@ def main() -> None:
     rows = []
     for nproc in (1, 2):
         manifest = demo_project()
-        common = ["-m", str(manifest), "--num-processes", str(nproc), "--set", "deepspeed.zero_stage=2"]
+        common = [
+            "-m",
+            str(manifest),
+            "--num-processes",
+            str(nproc),
+            "--set",
+            "deepspeed.zero_stage=2",
+        ]
         for stage in ("sft", "rm"):
             # Same global batch (16) with 1 and 2 processes.
             extra = ["--set", f"{stage}.max_steps={args.steps}", "--set", f"{stage}.batch_size={16 // nproc}",
@@ -34,7 +41,9 @@ def main() -> None:
     print(f"{'stage':<6}{'processes':>10}{'tokens/s':>12}{'wall s':>9}")
     for stage, nproc, tps, wall in rows:
         print(f"{stage:<6}{nproc:>10}{tps:>12.0f}{wall:>9.1f}")
-    print("(2 processes on a 2-core CPU share the cores: the figure shows the launcher works, not a speed-up)")
+    print(
+        "(2 processes on a 2-core CPU share the cores: the figure shows the launcher works, not a speed-up)"
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Set by any test that starts a process group in-process (DAR's stage tests do); a child that
 # inherited them would try to join that group's port instead of making its own.
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
+DIST_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+)
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -20,13 +20,17 @@ EXPECTED_PLOTS = {
 
 
 @pytest.fixture(scope="module")
-def quickstart_small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+def quickstart_small(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
     root = tmp_path_factory.mktemp("qs") / "demo"
     res = run_cli("quickstart", str(root), "--small", timeout=1800)
     return root, res
 
 
-def test_quickstart_runs_every_stage_and_reports(quickstart_small: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+def test_quickstart_runs_every_stage_and_reports(
+    quickstart_small: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
     root, res = quickstart_small
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "Report:" in res.stdout and "What to try next" in res.stdout
@@ -40,7 +44,11 @@ def test_quickstart_runs_every_stage_and_reports(quickstart_small: tuple[Path, s
     assert sft["eval/loss"] < 6.0
     judge = json.loads(Path(by_name["judge-wpr-vs-kl"]["outputs"]["summary"]).read_text())
     lo, hi = judge["ci95"]
-    assert 0.0 <= lo <= judge["win_rate"] <= hi <= 1.0 and judge["requests"] > 0 and judge["invalid"] == 0
+    assert (
+        0.0 <= lo <= judge["win_rate"] <= hi <= 1.0
+        and judge["requests"] > 0
+        and judge["invalid"] == 0
+    )
     good = json.loads(Path(by_name["apps-reference"]["outputs"]["summary"]).read_text())
     weak = json.loads(Path(by_name["apps-weakened"]["outputs"]["summary"]).read_text())
     assert good["strict_accuracy"] > weak["strict_accuracy"] + 0.2
@@ -57,7 +65,9 @@ def test_quickstart_runs_every_stage_and_reports(quickstart_small: tuple[Path, s
         assert name in index
 
 
-def test_run_again_skips_finished_stages(quickstart_small: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+def test_run_again_skips_finished_stages(
+    quickstart_small: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
     root, res = quickstart_small
     assert res.returncode == 0
     t0 = time.time()

@@ -15,7 +15,14 @@ import pytest
 from tests.conftest import clean_env, run_cli
 from wprctl.codeexec.problems import BUILTIN_SAMPLES_PATH
 
-PPO_SHORT = ["--set", "ppo.max_steps=8", "--set", "ppo.eval_prompts=48", "--set", "ppo.save_every=1000"]
+PPO_SHORT = [
+    "--set",
+    "ppo.max_steps=8",
+    "--set",
+    "ppo.eval_prompts=48",
+    "--set",
+    "ppo.save_every=1000",
+]
 
 
 def _state(root: Path, name: str) -> dict:
@@ -28,7 +35,10 @@ def test_ppo_raises_heldout_reward_over_sft(demo_project: Path, variant: str) ->
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     metrics = _state(demo_project, variant)["metrics"]
     assert metrics["eval/reward"] > metrics["eval/reward_start"]
-    rows = [json.loads(x) for x in (demo_project / "runs" / variant / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(x)
+        for x in (demo_project / "runs" / variant / "metrics.jsonl").read_text().splitlines()
+    ]
     train = [r for r in rows if "train/reward" in r]
     assert len(train) == 8
     for key in ("train/kl_ref", "train/penalty", "train/entropy", "train/policy_clipfrac", "train/value_clipfrac",
@@ -85,8 +95,14 @@ def test_ppo_kill_and_resume_equals_uninterrupted(demo_project: Path, tmp_path: 
     b = load_file(tmp_path / "killed" / "ppo" / "model" / "model.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     # The adaptive beta was restored too: the last logged values agree.
-    last = [json.loads(x) for x in (tmp_path / "straight" / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    again = [json.loads(x) for x in (tmp_path / "killed" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    last = [
+        json.loads(x)
+        for x in (tmp_path / "straight" / "ppo" / "metrics.jsonl").read_text().splitlines()
+    ]
+    again = [
+        json.loads(x)
+        for x in (tmp_path / "killed" / "ppo" / "metrics.jsonl").read_text().splitlines()
+    ]
     beta_a = [r["train/beta"] for r in last if "train/beta" in r]
     beta_b = [r["train/beta"] for r in again if "train/beta" in r]
     assert beta_b == pytest.approx(beta_a, rel=1e-9) and beta_a[0] != beta_a[-1]
@@ -117,7 +133,10 @@ def test_ppo_apps_mode_uses_execution_rewards(tmp_path: Path, tiny_model_dir: Pa
         "--set", "ppo.regularizer.kind=kl", "--set", "apps.timeout=2",
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    rows = [json.loads(x) for x in (tmp_path / "runs" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(x)
+        for x in (tmp_path / "runs" / "ppo" / "metrics.jsonl").read_text().splitlines()
+    ]
     train = [r for r in rows if "train/reward" in r]
     # An untrained tiny model solves nothing: each sample scores -1.0 (compile error), -0.6
     # (runtime error) or -0.3 (ran, passed no test), so the mean lies in [-1, -0.3].

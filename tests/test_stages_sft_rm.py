@@ -64,7 +64,10 @@ def test_sft_learns_and_rm_scores_match_plain_transformers(demo_project: Path) -
     tok = AutoTokenizer.from_pretrained(folder)
     plain = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     ours = load_reward_model(folder, pad_token_id=tok.pad_token_id).eval()
-    texts = ["POST\nSubreddit: r/cars\nmy dad took my car.\nTL;DR: my dad took my car</s>", "short</s>"]
+    texts = [
+        "POST\nSubreddit: r/cars\nmy dad took my car.\nTL;DR: my dad took my car</s>",
+        "short</s>",
+    ]
     batch = tok(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         ref = plain(**batch).logits[:, 0]
@@ -84,7 +87,17 @@ def test_finished_stage_needs_force_or_resume(demo_project: Path) -> None:
 
 
 def test_sft_kill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
-    args = [*MICRO, "--set", "sft.max_steps=24", "--set", "sft.save_every=3", "--set", "sft.eval_every=100", "--set", "sft.log_every=1"]
+    args = [
+        *MICRO,
+        "--set",
+        "sft.max_steps=24",
+        "--set",
+        "sft.save_every=3",
+        "--set",
+        "sft.eval_every=100",
+        "--set",
+        "sft.log_every=1",
+    ]
     straight = _init(tmp_path / "straight")
     res = run_cli("sft", "-m", str(straight), *args)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -116,8 +129,16 @@ def test_sft_kill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
     a = _weights(straight.parent / "runs" / "sft" / "model")
     b = _weights(killed.parent / "runs" / "sft" / "model")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
-    la = [r["train/loss"] for r in _metrics(straight.parent / "runs" / "sft" / "metrics.jsonl") if "train/loss" in r]
-    lb = [r["train/loss"] for r in _metrics(killed.parent / "runs" / "sft" / "metrics.jsonl") if "train/loss" in r]
+    la = [
+        r["train/loss"]
+        for r in _metrics(straight.parent / "runs" / "sft" / "metrics.jsonl")
+        if "train/loss" in r
+    ]
+    lb = [
+        r["train/loss"]
+        for r in _metrics(killed.parent / "runs" / "sft" / "metrics.jsonl")
+        if "train/loss" in r
+    ]
     assert lb == pytest.approx(la, abs=1e-6)  # the log reads as one uninterrupted run
 
 
@@ -127,22 +148,50 @@ def test_two_process_zero2_matches_one_process(tmp_path: Path) -> None:
     Tolerance 1e-4 on the logged mean loss: the two runs reduce in a different order (two
     per-rank token means averaged vs one mean over all tokens of the batch), float32 only.
     """
-    common = [*MICRO, "--set", "deepspeed.zero_stage=2", "--set", "sft.max_steps=4", "--set", "sft.log_every=1", "--set", "sft.eval_every=100"]
+    common = [
+        *MICRO,
+        "--set",
+        "deepspeed.zero_stage=2",
+        "--set",
+        "sft.max_steps=4",
+        "--set",
+        "sft.log_every=1",
+        "--set",
+        "sft.eval_every=100",
+    ]
     one = _init(tmp_path / "one")
     res = run_cli("sft", "-m", str(one), *common, "--set", "sft.batch_size=8")
     assert res.returncode == 0, res.stderr[-2000:]
     two = _init(tmp_path / "two")
-    res = run_cli("sft", "-m", str(two), *common, "--set", "sft.batch_size=4", "--num-processes", "2")
+    res = run_cli(
+        "sft", "-m", str(two), *common, "--set", "sft.batch_size=4", "--num-processes", "2"
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    la = [r["train/loss"] for r in _metrics(one.parent / "runs" / "sft" / "metrics.jsonl") if "train/loss" in r]
-    lb = [r["train/loss"] for r in _metrics(two.parent / "runs" / "sft" / "metrics.jsonl") if "train/loss" in r]
+    la = [
+        r["train/loss"]
+        for r in _metrics(one.parent / "runs" / "sft" / "metrics.jsonl")
+        if "train/loss" in r
+    ]
+    lb = [
+        r["train/loss"]
+        for r in _metrics(two.parent / "runs" / "sft" / "metrics.jsonl")
+        if "train/loss" in r
+    ]
     assert len(la) == len(lb) == 4
     # Per-rank token means differ from the global token mean when the two halves of a batch
     # have different response lengths, so compare the held-out loss (one reduction) tightly and
     # the training curve loosely.
     assert lb == pytest.approx(la, abs=0.05)
-    ea = [r["eval/loss"] for r in _metrics(one.parent / "runs" / "sft" / "metrics.jsonl") if "eval/loss" in r]
-    eb = [r["eval/loss"] for r in _metrics(two.parent / "runs" / "sft" / "metrics.jsonl") if "eval/loss" in r]
+    ea = [
+        r["eval/loss"]
+        for r in _metrics(one.parent / "runs" / "sft" / "metrics.jsonl")
+        if "eval/loss" in r
+    ]
+    eb = [
+        r["eval/loss"]
+        for r in _metrics(two.parent / "runs" / "sft" / "metrics.jsonl")
+        if "eval/loss" in r
+    ]
     assert eb[-1] == pytest.approx(ea[-1], abs=1e-3)
 
 
@@ -180,6 +229,8 @@ def test_tokenizer_without_pad_is_exit_2(tmp_path: Path, tiny_model_dir: Path) -
     tok.pad_token = None
     tok.save_pretrained(tmp_path / "nopad")
     manifest = _init(tmp_path / "p")
-    res = run_cli("sft", "-m", str(manifest), *MICRO, "--set", f"model.tokenizer={tmp_path / 'nopad'}")
+    res = run_cli(
+        "sft", "-m", str(manifest), *MICRO, "--set", f"model.tokenizer={tmp_path / 'nopad'}"
+    )
     assert res.returncode == 2
     assert "no pad token" in res.stderr and str(tmp_path / "nopad") in res.stderr

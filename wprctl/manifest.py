@@ -271,8 +271,12 @@ class InferConfig(Section):
 
 
 class JudgeConfig(Section):
-    a: str | None = Field(None, description="`wprctl run`: model A's inference (stage name or file)")
-    b: str | None = Field(None, description="`wprctl run`: model B's inference (stage name or file)")
+    a: str | None = Field(
+        None, description="`wprctl run`: model A's inference (stage name or file)"
+    )
+    b: str | None = Field(
+        None, description="`wprctl run`: model B's inference (stage name or file)"
+    )
     model: str = "gpt-4o-2024-05-13"
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"

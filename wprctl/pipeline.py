@@ -47,10 +47,8 @@ def _sets(values: dict[str, Any]) -> list[str]:
     """A variant's overrides as `--set KEY=VALUE` arguments (values written as TOML)."""
     args = []
     for key, value in values.items():
-        text = json.dumps(value) if not isinstance(value, str) else json.dumps(value)
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        args += ["--set", f"{key}={text}"]
+        # JSON spells strings, numbers, booleans and lists the way TOML reads them.
+        args += ["--set", f"{key}={json.dumps(value)}"]
     return args
 
 
@@ -69,7 +67,9 @@ def _invoke(args: list[str]) -> None:
     app(args=args, standalone_mode=False)
 
 
-def _eval_stage(manifest_path: Path, overrides: list[str], base: Manifest, name: str, kind: str) -> dict[str, float]:
+def _eval_stage(
+    manifest_path: Path, overrides: list[str], base: Manifest, name: str, kind: str
+) -> dict[str, float]:
     variant = base.variant(name)
     m = base.for_variant(name) if variant else base
     sets = [a for o in overrides for a in ("--set", o)] + _sets(variant.set if variant else {})
@@ -81,11 +81,18 @@ def _eval_stage(manifest_path: Path, overrides: list[str], base: Manifest, name:
         out = run.root / "samples.jsonl"
         _invoke(["infer", *common, "--out", str(out)])
         outputs["jsonl"] = str(out)
-        metrics = _summary_metrics(out, ("reward_mean", "oracle_mean", "length_mean", "rouge1", "rougeL"))
+        metrics = _summary_metrics(
+            out, ("reward_mean", "oracle_mean", "length_mean", "rouge1", "rougeL")
+        )
     elif kind == "judge":
         if not (m.judge.a and m.judge.b):
-            raise UserError(f"stage {name!r}: a judge stage needs judge.a and judge.b (inference stages or files)")
-        a, b = _jsonl_of(m, m.judge.a, f"{name}: judge.a"), _jsonl_of(m, m.judge.b, f"{name}: judge.b")
+            raise UserError(
+                f"stage {name!r}: a judge stage needs judge.a and judge.b (inference stages or files)"
+            )
+        a, b = (
+            _jsonl_of(m, m.judge.a, f"{name}: judge.a"),
+            _jsonl_of(m, m.judge.b, f"{name}: judge.b"),
+        )
         out = run.root / "judgements.jsonl"
         _invoke(["judge", a, b, "--out", str(out), *common])
         outputs["jsonl"] = str(out)
@@ -100,7 +107,9 @@ def _eval_stage(manifest_path: Path, overrides: list[str], base: Manifest, name:
         if gen in ("reference", "weakened"):
             from wprctl.codeexec import load_problems, reference_generations
 
-            rows = reference_generations(load_problems(problems), 3, weaken=gen == "weakened", seed=m.project.seed)
+            rows = reference_generations(
+                load_problems(problems), 3, weaken=gen == "weakened", seed=m.project.seed
+            )
             gen_file = run.root / "generations.jsonl"
             gen_file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
             gen = str(gen_file)
@@ -115,7 +124,9 @@ def _eval_stage(manifest_path: Path, overrides: list[str], base: Manifest, name:
         outputs["report"] = str(m.output_dir / "report")
     else:  # pragma: no cover - the manifest validates stage kinds
         raise UserError(f"stage {name!r}: unknown kind {kind!r}")
-    outputs["summary"] = outputs.get("jsonl", "") and str(Path(outputs["jsonl"]).with_name(Path(outputs["jsonl"]).name + ".summary.json"))
+    outputs["summary"] = outputs.get("jsonl", "") and str(
+        Path(outputs["jsonl"]).with_name(Path(outputs["jsonl"]).name + ".summary.json")
+    )
     finish_run(m, run, {k: v for k, v in outputs.items() if v}, metrics)
     return metrics
 
@@ -158,10 +169,16 @@ def run_pipeline(
         status = run.status
         if status == "finished":
             state = run.state()
-            outcomes.append(StageOutcome(name, kind, "skipped", 0.0, state.get("metrics", {}), _main_output(state)))
+            outcomes.append(
+                StageOutcome(
+                    name, kind, "skipped", 0.0, state.get("metrics", {}), _main_output(state)
+                )
+            )
             console.print(f"[dim]{name}: finished earlier, skipped[/]")
             continue
-        console.rule(f"[bold]{name}[/] ({kind})" + (" — resuming" if status not in ("absent",) else ""))
+        console.rule(
+            f"[bold]{name}[/] ({kind})" + (" — resuming" if status not in ("absent",) else "")
+        )
         t0 = time.time()
         try:
             if kind in TRAINING:
@@ -176,7 +193,9 @@ def run_pipeline(
             print_summary(outcomes)
             raise
         state = run_dir(base, name, kind).state()
-        outcomes.append(StageOutcome(name, kind, "done", time.time() - t0, metrics, _main_output(state)))
+        outcomes.append(
+            StageOutcome(name, kind, "done", time.time() - t0, metrics, _main_output(state))
+        )
     print_summary(outcomes)
     return outcomes
 
@@ -196,5 +215,12 @@ def print_summary(outcomes: list[StageOutcome]) -> None:
     for o in outcomes:
         shown = {k: v for k, v in o.metrics.items() if not k.endswith("_start")}
         metrics = ", ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in list(shown.items())[:4])
-        table.add_row(o.name, o.kind, f"[{colors[o.status]}]{o.status}[/]", f"{o.seconds:.0f}s" if o.seconds else "", metrics, o.output)
+        table.add_row(
+            o.name,
+            o.kind,
+            f"[{colors[o.status]}]{o.status}[/]",
+            f"{o.seconds:.0f}s" if o.seconds else "",
+            metrics,
+            o.output,
+        )
     console.print(table)

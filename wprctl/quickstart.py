@@ -31,7 +31,9 @@ SMALL = [
 ]
 
 
-def run_quickstart(directory: Path, *, small: bool = False, overrides: list[str] | None = None) -> None:
+def run_quickstart(
+    directory: Path, *, small: bool = False, overrides: list[str] | None = None
+) -> None:
     manifest = directory / "wprctl.toml"
     if not manifest.exists():
         init_project(directory, "demo", force=False)

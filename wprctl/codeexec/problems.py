@@ -130,7 +130,9 @@ def _int_keys(args: list[Any]) -> list[Any]:
 
 
 BUILTIN_SAMPLES = "builtin:apps-samples"
-BUILTIN_SAMPLES_PATH = Path(__file__).resolve().parents[1] / "assets" / "apps" / "apps_samples.jsonl"
+BUILTIN_SAMPLES_PATH = (
+    Path(__file__).resolve().parents[1] / "assets" / "apps" / "apps_samples.jsonl"
+)
 
 
 def load_problems(source: str | Path, split: str | None = None) -> dict[str, Problem]:

@@ -81,13 +81,15 @@ def status(
     console.print(table)
 
 
-
-
 def run(
     manifest: ManifestOpt = DEFAULT_MANIFEST,
     set_: SetOpt = None,
-    from_: Annotated[str | None, typer.Option("--from", help="Start at this stage (a name in `stages`).")] = None,
-    to: Annotated[str | None, typer.Option("--to", help="Stop after this stage (a name in `stages`).")] = None,
+    from_: Annotated[
+        str | None, typer.Option("--from", help="Start at this stage (a name in `stages`).")
+    ] = None,
+    to: Annotated[
+        str | None, typer.Option("--to", help="Stop after this stage (a name in `stages`).")
+    ] = None,
     num_processes: NumProcOpt = None,
 ) -> None:
     """Run the manifest's `stages` in order: finished ones are skipped, partial ones resumed, and the
@@ -99,8 +101,12 @@ def run(
 
 
 def quickstart(
-    directory: Annotated[Path, typer.Argument(help="Project folder for the demo.")] = Path("wprctl-demo"),
-    small: Annotated[bool, typer.Option("--small", help="A smaller, faster demo (for CI).")] = False,
+    directory: Annotated[Path, typer.Argument(help="Project folder for the demo.")] = Path(
+        "wprctl-demo"
+    ),
+    small: Annotated[
+        bool, typer.Option("--small", help="A smaller, faster demo (for CI).")
+    ] = False,
     set_: SetOpt = None,
 ) -> None:
     """The embedded demo, offline on a CPU: a tiny model on the demo task, SFT -> RM -> PPO with kl,

@@ -396,7 +396,9 @@ def oracle_score(prompt_or_post: str, summary: str) -> float:
 @dataclass
 class _Scenario:
     key: dict[str, str]  # slot -> concept
-    words: dict[str, str] = field(default_factory=dict)  # slot -> the word the incident sentence used
+    words: dict[str, str] = field(
+        default_factory=dict
+    )  # slot -> the word the incident sentence used
     minor: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -421,7 +423,10 @@ def _make_post(rng: random.Random) -> tuple[_Scenario, str, str, str]:
     for _attempt in range(50):
         sc.minor = []
         sc.words = {s: _syn(rng, s, key[s]) for s in SLOTS}
-        body = [fill(rng.choice(_KEY_SENTENCES), sc.words), fill(rng.choice(_FEELING_SENTENCES), sc.words)]
+        body = [
+            fill(rng.choice(_KEY_SENTENCES), sc.words),
+            fill(rng.choice(_FEELING_SENTENCES), sc.words),
+        ]
         for t in rng.sample(_RESTATE_SENTENCES, rng.randint(0, 1)):
             body.append(fill(t))
         body += rng.sample(_FILLERS, rng.randint(0, 1))
@@ -492,7 +497,9 @@ def write_summary(rng: random.Random, sc: _Scenario, quality: float) -> str:
             number = _other(rng, "number", number)
         if rng.random() < p_swap / 2:
             unit = _other(rng, "unit", unit, *(c for s, c in used_minor if s == "unit"))
-        n_word = _reuse(rng, sc, "number") if number == sc.key["number"] else _syn(rng, "number", number)
+        n_word = (
+            _reuse(rng, sc, "number") if number == sc.key["number"] else _syn(rng, "number", number)
+        )
         u_word = _reuse(rng, sc, "unit") if unit == sc.key["unit"] else _syn(rng, "unit", unit)
         time = f"{n_word} {u_word} ago"
     parts = {

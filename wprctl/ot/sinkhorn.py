@@ -33,7 +33,9 @@ class WPRResult:
     marginal_error: torch.Tensor  # (B, T) float32 L1 marginal error of the returned scalings
     converged_fraction: float  # over masked-in positions
     infeasible_fraction: float | None  # paper only: detected infeasible truncated problems
-    support_size: int  # paper: batch-wide support + the dust bin; wellposed: largest per-position support
+    support_size: (
+        int  # paper: batch-wide support + the dust bin; wellposed: largest per-position support
+    )
     method: str = "wellposed"
 
 

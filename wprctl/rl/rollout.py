@@ -39,25 +39,41 @@ def generate(
     which training checkpoints save and restore.
     """
     with gathered(model):
-        g = sample_batch(model, tokenizer, {"input_ids": prompt_ids, "attention_mask": prompt_mask}, sampling, seed=seed)
+        g = sample_batch(
+            model,
+            tokenizer,
+            {"input_ids": prompt_ids, "attention_mask": prompt_mask},
+            sampling,
+            seed=seed,
+        )
     return g.response_ids, g.response_mask.float()
 
 
-def join(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)
+def join(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([prompt_ids, responses], 1), torch.cat(
+        [prompt_mask, mask.to(prompt_mask.dtype)], 1
+    )
 
 
-def response_logits(model: Any, seq: torch.Tensor, attn: torch.Tensor, prompt_len: int) -> torch.Tensor:
+def response_logits(
+    model: Any, seq: torch.Tensor, attn: torch.Tensor, prompt_len: int
+) -> torch.Tensor:
     """Next-token logits at the response positions (B, R, V): logits[t] predicts response token t."""
     logits = model(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn)).logits
     return logits[:, prompt_len - 1 : -1]
 
 
-def response_logprobs(model: Any, seq: torch.Tensor, attn: torch.Tensor, prompt_len: int) -> torch.Tensor:
+def response_logprobs(
+    model: Any, seq: torch.Tensor, attn: torch.Tensor, prompt_len: int
+) -> torch.Tensor:
     return token_logprobs(response_logits(model, seq, attn, prompt_len), seq[:, prompt_len:])
 
 
-def token_values(critic: Any, seq: torch.Tensor, attn: torch.Tensor, prompt_len: int) -> torch.Tensor:
+def token_values(
+    critic: Any, seq: torch.Tensor, attn: torch.Tensor, prompt_len: int
+) -> torch.Tensor:
     """Per-token values (B, R) of a sequence-classification critic: its score head on every position.
 
     V[t] is the value of the state before response token t (the same positions as the logits).
@@ -65,8 +81,12 @@ def token_values(critic: Any, seq: torch.Tensor, attn: torch.Tensor, prompt_len:
     module = unwrap(critic)
     head = getattr(module, "score", None)
     if head is None:
-        raise TypeError(f"{type(module).__name__} has no `score` head to read per-token values from")
-    hidden = module.base_model(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn)).last_hidden_state
+        raise TypeError(
+            f"{type(module).__name__} has no `score` head to read per-token values from"
+        )
+    hidden = module.base_model(
+        input_ids=seq, attention_mask=attn, position_ids=position_ids(attn)
+    ).last_hidden_state
     values = head(hidden).squeeze(-1)
     return values[:, prompt_len - 1 : -1].float()
 
@@ -84,7 +104,14 @@ class ModelReward:
         self.model = model
 
     @torch.no_grad()
-    def __call__(self, seq: torch.Tensor, attn: torch.Tensor, prompts: list[str], responses: list[str], examples: list[Any]) -> torch.Tensor:
+    def __call__(
+        self,
+        seq: torch.Tensor,
+        attn: torch.Tensor,
+        prompts: list[str],
+        responses: list[str],
+        examples: list[Any],
+    ) -> torch.Tensor:
         return sequence_scores(self.model, seq, attn).float()
 
 
@@ -98,14 +125,26 @@ class ExecutionReward:
         self.config = config
         self.pool = ExecPool(config)
 
-    def __call__(self, seq: torch.Tensor, attn: torch.Tensor, prompts: list[str], responses: list[str], examples: list[Any]) -> torch.Tensor:
+    def __call__(
+        self,
+        seq: torch.Tensor,
+        attn: torch.Tensor,
+        prompts: list[str],
+        responses: list[str],
+        examples: list[Any],
+    ) -> torch.Tensor:
         from wprctl.codeexec import execution_reward
 
-        samples = [(str(ex.meta.get("problem_id", ex.id)), text) for ex, text in zip(examples, responses, strict=True)]
+        samples = [
+            (str(ex.meta.get("problem_id", ex.id)), text)
+            for ex, text in zip(examples, responses, strict=True)
+        ]
         rewards = execution_reward(self.problems, samples, self.config, pool=self.pool)
         return torch.tensor(rewards, dtype=torch.float32, device=seq.device)
 
 
 def decode(tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor | None = None) -> list[str]:
-    rows: Sequence[torch.Tensor] = ids if mask is None else [r[m.bool()] for r, m in zip(ids, mask, strict=True)]
+    rows: Sequence[torch.Tensor] = (
+        ids if mask is None else [r[m.bool()] for r, m in zip(ids, mask, strict=True)]
+    )
     return tokenizer.batch_decode(rows, skip_special_tokens=True)

@@ -137,28 +137,39 @@ class PPORecipe:
             lr=cfg.actor_lr, weight_decay=cfg.actor_weight_decay, scheduler=cfg.scheduler,
             warmup_steps=cfg.warmup_steps, total_steps=opt_steps,
         )  # fmt: skip
-        self.ref = eng.init_frozen(load_causal_lm(actor_path, trust_remote_code=trust), spec(cfg.ref_zero_stage, False))
-        critic_path = resolve_model_ref(m, cfg.critic or ("sft" if self.apps else "rm"), what="ppo.critic")
+        self.ref = eng.init_frozen(
+            load_causal_lm(actor_path, trust_remote_code=trust), spec(cfg.ref_zero_stage, False)
+        )
+        critic_path = resolve_model_ref(
+            m, cfg.critic or ("sft" if self.apps else "rm"), what="ppo.critic"
+        )
         self.critic = eng.init_trainable(
             load_reward_model(critic_path, pad_token_id=self.pad_id, trust_remote_code=trust),
             spec(cfg.critic_zero_stage, cfg.critic_offload),
             lr=cfg.critic_lr, weight_decay=cfg.critic_weight_decay, scheduler=cfg.scheduler,
             warmup_steps=cfg.warmup_steps, total_steps=opt_steps,
         )  # fmt: skip
-        self.reward_fn: Any = build_reward_fn(m, cfg.reward_model, spec(cfg.reward_zero_stage, False), stage="ppo", pad_id=self.pad_id)
+        self.reward_fn: Any = build_reward_fn(
+            m, cfg.reward_model, spec(cfg.reward_zero_stage, False), stage="ppo", pad_id=self.pad_id
+        )
         self.gold = gold_reward_fn(m)
         self.reg = build_regularizer(cfg.regularizer, clip_range=cfg.clip_range)
         with eng.gathered(self.ref):
             emb = eng.unwrap(self.ref).get_input_embeddings().weight.detach().float().clone()
         self.reg.setup(
-            ref_embeddings=emb, cache_dir=m.output_dir / ".cache" / "wpr", pad_id=self.pad_id, eos_id=self.eos_id
+            ref_embeddings=emb,
+            cache_dir=m.output_dir / ".cache" / "wpr",
+            pad_id=self.pad_id,
+            eos_id=self.eos_id,
         )
         self.beta = BetaController(cfg.regularizer)
         self.sampling = SamplingConfig.from_section(cfg)
         self.step = 0
         self.last_experience: Experience | None = None
         if self.resuming and self.run.has_checkpoint():
-            client = eng.load_checkpoint({"actor": self.actor, "critic": self.critic}, self.run.checkpoint_dir)
+            client = eng.load_checkpoint(
+                {"actor": self.actor, "critic": self.critic}, self.run.checkpoint_dir
+            )
             self.step = int(client["step"])
             self.beta.load_state_dict(client["beta"])
             console.print(f"{self.run.name}: resumed from step {self.step}")
@@ -168,19 +179,36 @@ class PPORecipe:
 
     def prompt_batches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
         for g in range(self.cfg.generation_batches):
-            yield prompt_batch(self.train_data, self.m.project.seed, step * self.cfg.generation_batches + g, self.cfg.batch_size, self.batches_per_epoch)
+            yield prompt_batch(
+                self.train_data,
+                self.m.project.seed,
+                step * self.cfg.generation_batches + g,
+                self.cfg.batch_size,
+                self.batches_per_epoch,
+            )
 
     @torch.no_grad()
-    def experience(self, batch: dict[str, torch.Tensor], timers: dict[str, float], stats: dict[str, list[float]]) -> Experience | None:
+    def experience(
+        self,
+        batch: dict[str, torch.Tensor],
+        timers: dict[str, float],
+        stats: dict[str, list[float]],
+    ) -> Experience | None:
         t0 = time.time()
-        responses, mask = generate(self.actor, batch["input_ids"], batch["attention_mask"], self.sampling, self.tokenizer)
+        responses, mask = generate(
+            self.actor, batch["input_ids"], batch["attention_mask"], self.sampling, self.tokenizer
+        )
         timers["time/generation"] += time.time() - t0
         keep = mask.sum(1) >= self.cfg.min_answer_tokens
         stats["dropped"].append(float((~keep).sum()))
         if not keep.any():
             return None
-        prompt_ids, prompt_mask, responses, mask = (x[keep] for x in (batch["input_ids"], batch["attention_mask"], responses, mask))
-        examples = [self.train_data.examples[int(i)] for i in batch["index"][keep.to(batch["index"].device)]]
+        prompt_ids, prompt_mask, responses, mask = (
+            x[keep] for x in (batch["input_ids"], batch["attention_mask"], responses, mask)
+        )
+        examples = [
+            self.train_data.examples[int(i)] for i in batch["index"][keep.to(batch["index"].device)]
+        ]
         seq, attn = join(prompt_ids, prompt_mask, responses, mask)
         P = prompt_ids.size(1)
 
@@ -196,7 +224,9 @@ class PPORecipe:
         if self.reg.topk:
             from wprctl.ot import compress_topk
 
-            topk = compress_topk(actor_logits, ref_logits, responses, self.reg.topk, mask=mask.bool())
+            topk = compress_topk(
+                actor_logits, ref_logits, responses, self.reg.topk, mask=mask.bool()
+            )
         del actor_logits, ref_logits  # only the compressed form outlives this point
         reg_batch = RegBatch(responses, mask, old_logprobs, ref_logprobs, topk)
         penalty = self.reg.reward_penalty(reg_batch)
@@ -230,10 +260,15 @@ class PPORecipe:
         stats["entropy"].append(float(entropy))
         stats["eos_fraction"].append(float((responses == self.eos_id).any(1).float().mean()))
         if self.gold is not None:
-            stats["gold"].append(sum(self.gold(p, r) for p, r in zip(prompts_text, responses_text, strict=True)) / len(prompts_text))
+            stats["gold"].append(
+                sum(self.gold(p, r) for p, r in zip(prompts_text, responses_text, strict=True))
+                / len(prompts_text)
+            )
         for key, value in self.reg.metrics().items():
             stats[f"reg/{key}"].append(value)
-        return Experience(seq, attn, P, responses, mask, old_logprobs, ref_logprobs, values, advantages, returns)
+        return Experience(
+            seq, attn, P, responses, mask, old_logprobs, ref_logprobs, values, advantages, returns
+        )
 
     # ----------------------------------------------------------------------------------------
     # learning
@@ -245,12 +280,18 @@ class PPORecipe:
             for chunk in torch.tensor_split(order, self.n_minibatches):
                 # A chunk can be empty when answers were dropped; the engines still step so that
                 # gradient-accumulation boundaries stay aligned across steps and processes.
-                mb = exp.rows(chunk.to(exp.seq.device)) if len(chunk) else exp.rows(order[:1].to(exp.seq.device))
+                mb = (
+                    exp.rows(chunk.to(exp.seq.device))
+                    if len(chunk)
+                    else exp.rows(order[:1].to(exp.seq.device))
+                )
                 weight = 1.0 if len(chunk) else 0.0
                 logits = response_logits(self.actor, mb.seq, mb.attn, mb.prompt_len)
                 logprobs = token_logprobs(logits, mb.responses)
                 del logits
-                pg_loss, pg_clip = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, self.cfg.clip_range)
+                pg_loss, pg_clip = policy_loss(
+                    logprobs, mb.old_logprobs, mb.advantages, mb.mask, self.cfg.clip_range
+                )
                 loss = pg_loss
                 reg_loss = self.reg.loss_penalty(mb.reg_batch(), logprobs)
                 if reg_loss is not None:
@@ -258,7 +299,9 @@ class PPORecipe:
                 self.actor.backward(loss * weight)
                 self.actor.step()
                 values = token_values(self.critic, mb.seq, mb.attn, mb.prompt_len)
-                v_loss, v_clip = value_loss(values, mb.values, mb.returns, mb.mask, self.cfg.value_clip)
+                v_loss, v_clip = value_loss(
+                    values, mb.values, mb.returns, mb.mask, self.cfg.value_clip
+                )
                 self.critic.backward(v_loss * weight)
                 self.critic.step()
                 if weight:
@@ -294,16 +337,28 @@ class PPORecipe:
         with make_progress() as progress:
             bar = progress.add_task(self.run.name, total=self.total, completed=self.step, info="")
             while self.step < self.total:
-                timers = {"time/generation": 0.0, "time/forward": 0.0, "time/regularizer": 0.0, "time/reward": 0.0, "time/training": 0.0}
+                timers = {
+                    "time/generation": 0.0,
+                    "time/forward": 0.0,
+                    "time/regularizer": 0.0,
+                    "time/reward": 0.0,
+                    "time/training": 0.0,
+                }
                 stats: dict[str, list[float]] = defaultdict(list)
-                experiences = [e for b in self.prompt_batches(self.step) if (e := self.experience(b, timers, stats)) is not None]
+                experiences = [
+                    e
+                    for b in self.prompt_batches(self.step)
+                    if (e := self.experience(b, timers, stats)) is not None
+                ]
                 exp = _concat(experiences, self.pad_id) if experiences else self.last_experience
                 t0 = time.time()
                 if exp is not None:
                     self.learn(exp, stats)
                     self.last_experience = exp
                 timers["time/training"] += time.time() - t0
-                self.beta.update(_mean(stats["divergence"]), cfg.batch_size * cfg.generation_batches * self.world)
+                self.beta.update(
+                    _mean(stats["divergence"]), cfg.batch_size * cfg.generation_batches * self.world
+                )
                 self.step += 1
                 row = {k: _mean(v) for k, v in stats.items() if v}
                 row = dict(zip(row, eng.all_reduce_sum(list(row.values())), strict=True))
@@ -331,12 +386,19 @@ class PPORecipe:
         eng.export_hf(self.critic, self.run.root / "critic", self.tokenizer)
         if is_main_process():
             console.print(
-                f"{self.run.name}: held-out after PPO: " + _fmt(final) + f"  (before: {_fmt(start_eval)})\n  model: {self.run.model_dir}"
+                f"{self.run.name}: held-out after PPO: "
+                + _fmt(final)
+                + f"  (before: {_fmt(start_eval)})\n  model: {self.run.model_dir}"
             )
         metrics = {f"eval/{k}": v for k, v in final.items()}
         metrics.update({f"eval/{k}_start": v for k, v in start_eval.items()})
         metrics["steps"] = float(self.step)
-        finish_run(self.m, self.run, {"model": str(self.run.model_dir), "critic": str(self.run.root / "critic")}, metrics)
+        finish_run(
+            self.m,
+            self.run,
+            {"model": str(self.run.model_dir), "critic": str(self.run.root / "critic")},
+            metrics,
+        )
         return metrics
 
     def close(self) -> None:

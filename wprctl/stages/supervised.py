@@ -155,7 +155,9 @@ def run_supervised(
                 loss, metrics = task.loss(engine, batch)
                 engine.backward(loss)
                 engine.step()
-                tokens += sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
+                tokens += sum(
+                    int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask")
+                )
                 for k, v in metrics.items():
                     window.setdefault(k, []).append(v)
             step += 1
