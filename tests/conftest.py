@@ -54,6 +54,26 @@ def run_cli(
     )
 
 
+def kill_after_checkpoint(args: list[str], latest: Path, timeout: float = 600) -> str:
+    """Start `wprctl ARGS`, SIGKILL it as soon as `latest` (a checkpoint's tag file) appears,
+    and return that tag. The run must still be going then, or the test would prove nothing."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wprctl", *args],
+        env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + timeout
+    while time.time() < deadline and not latest.exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:] if proc.stderr else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.exists(), f"no checkpoint after {timeout} s"
+    return latest.read_text().strip()
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """The project's tiny byte-level BPE (pad/eos/bos), trained on a small demo corpus."""

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import clean_env, run_cli
+from tests.conftest import kill_after_checkpoint, run_cli
 
 EXPECTED_PLOTS = {
     "sft_loss.png", "rm_training.png", "policy_reward.png", "policy_penalty.png", "policy_kl.png",
@@ -84,15 +82,9 @@ def test_run_resumes_a_killed_stage(tmp_path: Path) -> None:
     sets = ["--set", 'stages=["sft", "rm"]', "--set", "model.tiny.hidden_size=32", "--set", "model.tiny.intermediate_size=64",
             "--set", "data.demo.n_train=300", "--set", "data.demo.n_validation=40", "--set", "sft.max_steps=4",
             "--set", "rm.max_steps=8", "--set", "rm.save_every=2", "--set", "rm.batch_size=8", "--set", "sft.batch_size=8"]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "wprctl", "run", "-m", manifest, *sets],
-                            env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    latest = tmp_path / "runs" / "rm" / "checkpoints" / "latest"
-    deadline = time.time() + 600
-    while time.time() < deadline and not latest.exists():
-        assert proc.poll() is None
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(
+        ["run", "-m", manifest, *sets], tmp_path / "runs" / "rm" / "checkpoints" / "latest"
+    )
     res = run_cli("run", "-m", manifest, *sets)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "sft: finished earlier, skipped" in res.stdout

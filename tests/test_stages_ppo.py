@@ -4,15 +4,11 @@ exact resume after SIGKILL, two processes, and APPS mode with the executor's rew
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import clean_env, run_cli
+from tests.conftest import kill_after_checkpoint, run_cli
 from wprctl.codeexec.problems import BUILTIN_SAMPLES_PATH
 
 PPO_SHORT = [
@@ -76,18 +72,8 @@ def test_ppo_kill_and_resume_equals_uninterrupted(demo_project: Path, tmp_path: 
     assert res.returncode == 0, res.stderr[-3000:]
 
     killed = _explicit_models(demo_project, tmp_path / "killed")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wprctl", "ppo", "-m", manifest, *killed, *steps],
-        env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     latest = tmp_path / "killed" / "ppo" / "checkpoints" / "latest"
-    deadline = time.time() + 600
-    while time.time() < deadline and not latest.exists():
-        assert proc.poll() is None
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    tag = latest.read_text().strip()
+    tag = kill_after_checkpoint(["ppo", "-m", manifest, *killed, *steps], latest)
     res = run_cli("ppo", "-m", manifest, *killed, *steps, "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resumed from step {tag[4:]}" in res.stdout

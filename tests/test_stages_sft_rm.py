@@ -4,16 +4,12 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import clean_env, run_cli
+from tests.conftest import kill_after_checkpoint, run_cli
 
 # A micro project: seconds per stage, enough to exercise every mechanism.
 MICRO = [
@@ -103,19 +99,8 @@ def test_sft_kill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
 
     killed = _init(tmp_path / "killed")
-    env = clean_env()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wprctl", "sft", "-m", str(killed), *args],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
     latest = killed.parent / "runs" / "sft" / "checkpoints" / "latest"
-    deadline = time.time() + 600
-    while time.time() < deadline and not latest.exists():
-        assert proc.poll() is None, proc.stderr.read()[-2000:] if proc.stderr else ""
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    tag = latest.read_text().strip()
+    tag = kill_after_checkpoint(["sft", "-m", str(killed), *args], latest)
     assert not (killed.parent / "runs" / "sft" / "model").exists()
     status = run_cli("status", "-m", str(killed), "--json")
     assert json.loads(status.stdout)["stages"][0]["status"] == "running"
@@ -205,15 +190,8 @@ def test_rm_without_sft_output_is_exit_2(tmp_path: Path) -> None:
 def test_corrupt_checkpoint_on_resume_is_exit_2(tmp_path: Path) -> None:
     manifest = _init(tmp_path)
     args = [*MICRO, "--set", "sft.max_steps=24", "--set", "sft.save_every=2"]
-    env = clean_env()
-    proc = subprocess.Popen([sys.executable, "-m", "wprctl", "sft", "-m", str(manifest), *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     ckpt = tmp_path / "runs" / "sft" / "checkpoints"
-    deadline = time.time() + 600
-    while time.time() < deadline and not (ckpt / "latest").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(["sft", "-m", str(manifest), *args], ckpt / "latest")
     for f in (ckpt / "model").rglob("*.pt"):
         f.write_bytes(b"garbage")
     res = run_cli("sft", "-m", str(manifest), *args, "--resume")
