@@ -238,3 +238,21 @@ def test_bad_input_raises_user_error() -> None:
         wpr_potentials(logits, ref, actions, graph, **kw, method="exact")
     with pytest.raises(UserError, match="metric"):
         CostGraph.from_embeddings(emb, k=4, metric="dot")
+
+
+def _build_into_cache(args: tuple[str, int]) -> list[int]:
+    cache, seed = args
+    emb = torch.randn(400, 8, generator=torch.Generator().manual_seed(seed))
+    return CostGraph.from_embeddings(emb, k=6, cache_dir=cache).knn[0].tolist()
+
+
+def test_concurrent_builders_share_one_cache_file(tmp_path: Path) -> None:
+    # Every rank of a multi-process run builds the same graph at start-up; they used to race
+    # on one temporary file name.
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(4) as pool:
+        rows = pool.map(_build_into_cache, [(str(tmp_path), 0)] * 8)
+    assert all(r == rows[0] for r in rows)
+    assert [f.name for f in tmp_path.iterdir() if f.suffix != ".pt"] == []
+    assert len(list(tmp_path.glob("*.pt"))) == 1

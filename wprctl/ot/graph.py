@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +168,9 @@ class CostGraph:
 
     def _save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        # Several ranks may build the same graph at once: each writes its own file and the
+        # atomic replace makes the last one win with a complete file.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         torch.save(
             {
                 "format_version": _FORMAT_VERSION,
