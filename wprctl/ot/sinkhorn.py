@@ -19,7 +19,7 @@ from wprctl.errors import UserError
 from wprctl.ot.graph import CostGraph, check_epsilon
 from wprctl.ot.paper import paper_sinkhorn, paper_support, support_kernel
 from wprctl.ot.topk import TopKPair, check_logits, compress_topk
-from wprctl.ot.wellposed import support_neighbours, wellposed_sinkhorn
+from wprctl.ot.wellposed import support_edges, wellposed_solve
 
 Method = Literal["wellposed", "paper"]
 Gauge = Literal["centered", "raw"]
@@ -73,6 +73,11 @@ def _times(mass: torch.Tensor, pot: torch.Tensor) -> torch.Tensor:
 
 def _xlogx(x: torch.Tensor) -> torch.Tensor:
     return torch.special.xlogy(x, x)
+
+
+def _xlogy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x log y with 0 log y = 0."""
+    return torch.where(x > 0, x * torch.log(y), torch.zeros_like(x))
 
 
 def _finish(
@@ -225,7 +230,6 @@ def _wellposed(
     reservoir: float,
     reservoir_scale: float,
     dtype: torch.dtype,
-    omega: float = 1.5,
     reservoir_margin: float = 30.0,
 ) -> WPRResult:
     mask = pair.mask
@@ -233,47 +237,43 @@ def _wellposed(
     la = pair.logp[mask].to(dtype).masked_fill(~valid, -math.inf)
     lb = pair.logq[mask].to(dtype).masked_fill(~valid, -math.inf)
     tail_a, tail_b = pair.tail_p[mask].to(dtype), pair.tail_q[mask].to(dtype)
-    nb, cost = support_neighbours(graph, ids, valid)
+    edges = support_edges(graph, ids, valid)
     g = graph.on(ids.device)
     if "knn_mean" not in g:
         g["knn_mean"] = g["knn_cost"].mean(dim=1)
     lam = (dust_scale * g["knn_mean"][ids]).masked_fill(~valid, 0.0)
     # far enough that exp(-Lambda/eps) < 1e-13: a feasible problem never notices the reservoir
     lam_r = reservoir_scale * float(graph.knn_cost.max()) + reservoir_margin * epsilon
-    out = wellposed_sinkhorn(
-        la,
-        lb,
-        tail_a,
-        tail_b,
-        nb,
-        cost,
-        lam,
-        lam_r,
-        epsilon,
-        max_iter,
-        tol,
-        reservoir=reservoir,
-        omega=omega,
+    out = wellposed_solve(
+        la, lb, tail_a, tail_b, edges, lam, lam_r, epsilon, max_iter, tol, reservoir=reservoir
     )
     F, G, FD, GD = out["F"], out["G"], out["FD"], out["GD"]
     slot = pair.action_slot[mask].unsqueeze(1)
     a = la.exp()
+    # the tail's sum a_j F_j: the lumped a_D F_D plus the correction of the module docstring
+    # of ``wellposed`` (all in units of eps)
+    t_aa, t_ab = pair.tail_plogp[mask].to(dtype), pair.tail_plogq[mask].to(dtype)
+    t_bb, t_ba = pair.tail_qlogq[mask].to(dtype), pair.tail_qlogp[mask].to(dtype)
+    lumped = _xlogy(tail_a, tail_a * tail_b)
+    corr_a = torch.where(tail_a > 0, (t_aa + t_ab - lumped) / 4, torch.zeros_like(tail_a))
+    lumped_b = _xlogy(tail_b, tail_a * tail_b)
+    corr_b = torch.where(tail_b > 0, (t_bb + t_ba - lumped_b) / 4, torch.zeros_like(tail_b))
+    Fz = torch.where(valid, F, torch.zeros_like(F))
+    mean_f = (a * Fz).sum(1) + _times(tail_a, FD) + corr_a
     if gauge == "raw":
         phi = epsilon * (F.gather(1, slot).squeeze(1) - (out["FR"] - out["GR"]) / 2)
     else:
-        Fz = torch.where(valid, F, torch.zeros_like(F))
-        mean_f = (a * Fz).sum(1) + _times(tail_a, FD)
         phi = epsilon * (F.gather(1, slot).squeeze(1) - mean_f)
     value = None
     if return_value:
         b = lb.exp()
         Gz = torch.where(valid, G, torch.zeros_like(G))
-        Fz = torch.where(valid, F, torch.zeros_like(F))
-        value = epsilon * (
-            (a * Fz).sum(1) + _times(tail_a, FD) + (b * Gz).sum(1) + _times(tail_b, GD)
-            - (a * la.masked_fill(~valid, 0.0)).sum(1) - _xlogx(tail_a)
-            - (b * lb.masked_fill(~valid, 0.0)).sum(1) - _xlogx(tail_b)
+        mean_g = (b * Gz).sum(1) + _times(tail_b, GD) + corr_b
+        neg_entropy = (
+            (a * la.masked_fill(~valid, 0.0)).sum(1) + (b * lb.masked_fill(~valid, 0.0)).sum(1)
+            + t_aa + t_bb
         )  # fmt: skip
+        value = epsilon * (mean_f + mean_g - neg_entropy)
     return _finish(
         mask, phi, value, out, None, int(valid.sum(1).max()) if valid.numel() else 0, "wellposed"
     )
@@ -303,7 +303,6 @@ def wpr_potentials(
     reservoir: float = 2.0,
     reservoir_scale: float = 2.0,
     reservoir_margin: float = 30.0,
-    omega: float = 1.5,
     dtype: torch.dtype = torch.float64,
 ) -> WPRResult:
     """WPR penalty phi (B, T) at ``actions`` from full (B, T, V) logits (policy a, reference b).
@@ -329,7 +328,7 @@ def wpr_potentials(
         pair, graph, epsilon=epsilon, max_iter=max_iter, tol=tol, gauge=gauge, method=method,
         pad_id=pad_id, eos_id=eos_id, return_value=return_value, dust_scale=dust_scale,
         reservoir=reservoir, reservoir_scale=reservoir_scale, reservoir_margin=reservoir_margin,
-        omega=omega, dtype=dtype,
+        dtype=dtype,
     )  # fmt: skip
 
 
@@ -349,7 +348,6 @@ def wpr_potentials_topk(
     reservoir: float = 2.0,
     reservoir_scale: float = 2.0,
     reservoir_margin: float = 30.0,
-    omega: float = 1.5,
     dtype: torch.dtype = torch.float64,
 ) -> WPRResult:
     """WPR penalty from the compressed form (see ``compress_topk``); same result fields.
@@ -380,6 +378,5 @@ def wpr_potentials_topk(
         reservoir,
         reservoir_scale,
         dtype,
-        omega=omega,
         reservoir_margin=reservoir_margin,
     )

@@ -3,7 +3,10 @@
 Computed once at rollout from the two (B, T, V) logit tensors, it keeps per position only the
 support the well-posed penalty needs, S = top-k(a) U top-k(b) U {y}, as at most 2k + 1 slots
 (token ids, both log-probabilities, a validity flag for duplicate ids) plus the two tail masses
-1 - a(S) and 1 - b(S). Memory per position is O(k), independent of the vocabulary size V.
+1 - a(S) and 1 - b(S) and four tail sums (sum over the tokens outside S of a log a, a log b,
+b log b and b log a: what the well-posed method needs to stand the lumped tail in for its tokens
+in the centering and the OT value). Memory per position is O(k), independent of the vocabulary
+size V.
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ class TopKPair:
     valid: torch.Tensor  # (B, T, S) bool, False for repeated ids
     tail_p: torch.Tensor  # (B, T) float64 policy mass outside the support
     tail_q: torch.Tensor  # (B, T) float64 reference mass outside the support
+    # (B, T) float64 sums over the tokens outside the support (0 when there are none)
+    tail_plogp: torch.Tensor  # sum a log a
+    tail_plogq: torch.Tensor  # sum a log b
+    tail_qlogq: torch.Tensor  # sum b log b
+    tail_qlogp: torch.Tensor  # sum b log a
     actions: torch.Tensor  # (B, T) int64
     action_slot: torch.Tensor  # (B, T) int64, slot of the action in the support
     mask: torch.Tensor  # (B, T) bool, positions that get a penalty
@@ -41,6 +49,7 @@ class TopKPair:
             t.numel() * t.element_size()
             for t in (
                 self.indices, self.logp, self.logq, self.valid, self.tail_p, self.tail_q,
+                self.tail_plogp, self.tail_plogq, self.tail_qlogq, self.tail_qlogp,
                 self.actions, self.action_slot, self.mask,
             )
         )  # fmt: skip
@@ -50,6 +59,7 @@ class TopKPair:
             name: getattr(self, name).to(device)
             for name in (
                 "indices", "logp", "logq", "valid", "tail_p", "tail_q",
+                "tail_plogp", "tail_plogq", "tail_qlogq", "tail_qlogp",
                 "actions", "action_slot", "mask",
             )
         }  # fmt: skip
@@ -97,6 +107,51 @@ def _tail(logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (-torch.expm1(lse)).clamp_min(0.0)
 
 
+def _exp_lse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(x - max) and logsumexp(x) along the last dim, with one exp pass."""
+    m = x.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)
+    e = torch.exp(x - m)
+    return e, m.squeeze(-1) + torch.log(e.sum(-1))
+
+
+def _xlogy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x log y with 0 log y = 0."""
+    return torch.where(x > 0, x * torch.log(y), torch.zeros_like(x))
+
+
+def _tail_sums(
+    sums: torch.Tensor,
+    logp: torch.Tensor,
+    logq: torch.Tensor,
+    valid: torch.Tensor,
+    tail_p: torch.Tensor,
+    tail_q: torch.Tensor,
+    full: bool,
+) -> torch.Tensor:
+    """(4, B, T) whole-vocabulary sums minus the support's part; 0 without a tail.
+
+    Where a sum is not finite (a token with mass under one distribution and probability 0, i.e.
+    a -inf logit, under the other) it falls back to the lumped value (tail mass) log (tail mass),
+    which makes the solver's tail correction 0 there.
+    """
+    if full:
+        return torch.zeros_like(sums)
+    lp = logp.double().masked_fill(~valid, -torch.inf)
+    lq = logq.double().masked_fill(~valid, -torch.inf)
+    p, q = lp.exp(), lq.exp()
+
+    def dot(m: torch.Tensor, lx: torch.Tensor) -> torch.Tensor:
+        return torch.where(m > 0, m * lx, torch.zeros_like(m)).sum(-1)
+
+    support = torch.stack([dot(p, lp), dot(p, lq), dot(q, lq), dot(q, lp)])
+    # a tail sum of x log y is <= 0 (masses <= 1); rounding can leave a tiny positive rest
+    out = (sums - support).clamp_max(0.0)
+    lumped = torch.stack(
+        [_xlogy(tail_p, tail_p), _xlogy(tail_p, tail_q), _xlogy(tail_q, tail_q), _xlogy(tail_q, tail_p)]
+    )
+    return torch.where(torch.isfinite(out), out, lumped)
+
+
 def compress_topk(
     policy_logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -120,43 +175,51 @@ def compress_topk(
     idx = torch.empty(B, T, S, dtype=torch.long, device=device)
     logp = torch.empty(B, T, S, dtype=torch.float32, device=device)
     logq = torch.empty_like(logp)
+    # whole-vocabulary sums a log a, a log b, b log b, b log a (the support's part is removed below)
+    sums = torch.empty(4, B * T, dtype=torch.float64, device=device)
     flat_p, flat_q = policy_logits.reshape(B * T, V), ref_logits.reshape(B * T, V)
     flat_idx, flat_lp, flat_lq = idx.view(B * T, S), logp.view(B * T, S), logq.view(B * T, S)
     flat_y = actions.reshape(B * T, 1)
-    # Rows per block so a block's float32 log-softmax stays around 64 MB.
+    # Rows per block so a block's float32 temporaries stay around 64 MB.
     block = max(1, (16 * 2**20) // V)
     for lo in range(0, B * T, block):
         hi = min(B * T, lo + block)
-        lp = torch.log_softmax(flat_p[lo:hi].float(), dim=-1)
-        lq = torch.log_softmax(flat_q[lo:hi].float(), dim=-1)
+        x, z = flat_p[lo:hi].float(), flat_q[lo:hi].float()
+        # one exp pass per distribution: e = exp(x - max), lse = max + log sum e, and
+        # sum a log b = (sum e * z) / sum e - lse_b; top-k of the logits = top-k of log-probs
+        (ex, lse_x), (ez, lse_z) = _exp_lse(x), _exp_lse(z)
+        sx, sz = ex.sum(-1), ez.sum(-1)
+        sums[0, lo:hi] = (torch.linalg.vecdot(ex, x) / sx).double() - lse_x.double()
+        sums[1, lo:hi] = (torch.linalg.vecdot(ex, z) / sx).double() - lse_z.double()
+        sums[2, lo:hi] = (torch.linalg.vecdot(ez, z) / sz).double() - lse_z.double()
+        sums[3, lo:hi] = (torch.linalg.vecdot(ez, x) / sz).double() - lse_x.double()
+        del ex, ez
         if full:
             ids = torch.arange(V, device=device).expand(hi - lo, V)
         else:
-            ids = (
-                torch.cat(
-                    [
-                        torch.topk(lp, k, dim=-1).indices,
-                        torch.topk(lq, k, dim=-1).indices,
-                        flat_y[lo:hi],
-                    ],
-                    dim=-1,
-                )
-                .sort(dim=-1)
-                .values
-            )
+            ids = torch.cat(
+                [torch.topk(x, k, dim=-1).indices, torch.topk(z, k, dim=-1).indices, flat_y[lo:hi]],
+                dim=-1,
+            ).sort(dim=-1).values  # fmt: skip
         flat_idx[lo:hi] = ids
-        flat_lp[lo:hi] = lp.gather(1, ids)
-        flat_lq[lo:hi] = lq.gather(1, ids)
+        flat_lp[lo:hi] = x.gather(1, ids) - lse_x.unsqueeze(1)
+        flat_lq[lo:hi] = z.gather(1, ids) - lse_z.unsqueeze(1)
     valid = torch.ones(B, T, S, dtype=torch.bool, device=device)
     valid[..., 1:] = idx[..., 1:] != idx[..., :-1]
     action_slot = torch.searchsorted(idx, actions.unsqueeze(-1)).squeeze(-1)
+    tail_p, tail_q = _tail(logp, valid), _tail(logq, valid)
+    tails = _tail_sums(sums.view(4, B, T), logp, logq, valid, tail_p, tail_q, full)
     return TopKPair(
         indices=idx,
         logp=logp,
         logq=logq,
         valid=valid,
-        tail_p=_tail(logp, valid),
-        tail_q=_tail(logq, valid),
+        tail_p=tail_p,
+        tail_q=tail_q,
+        tail_plogp=tails[0],
+        tail_plogq=tails[1],
+        tail_qlogq=tails[2],
+        tail_qlogp=tails[3],
         actions=actions,
         action_slot=action_slot,
         mask=mask_b,
