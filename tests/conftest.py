@@ -101,8 +101,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # The demo project that several stage tests share: SFT and RM trained once with the demo's own
-# settings (what `wprctl quickstart` runs), so tests check the behaviour users see.
-DEMO_STAGE_SETS: list[str] = ["--set", "sft.epochs=1", "--set", "rm.epochs=1"]
+# model and learning rates (what `wprctl quickstart` runs) on a quarter of its data and one
+# epoch each, so tests check the behaviour users see in about a minute.
+DEMO_STAGE_SETS: list[str] = [
+    "--set", "data.demo.n_train=10000", "--set", "sft.epochs=1", "--set", "rm.epochs=1",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

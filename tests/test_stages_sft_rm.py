@@ -46,9 +46,8 @@ def test_sft_learns_and_rm_scores_match_plain_transformers(demo_project: Path) -
     assert evals[-1] < evals[0] - 1.0  # held-out loss well below the untrained model's
     state = json.loads((runs / "rm" / "state.json").read_text())
     assert state["status"] == "finished"
-    # The issue asks for 0.8; the tiny demo model plateaus at about 0.72-0.74 (see the closing
-    # note): it has to learn to match summary facts against the post within a CPU budget.
-    assert state["metrics"]["eval/accuracy"] >= 0.65
+    # held-out demo pairs (400); the demo's full settings reach about 0.85
+    assert state["metrics"]["eval/accuracy"] >= 0.8
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -41,11 +41,20 @@ The oracle (:func:`oracle_score`, gold preference function; higher is better)
 
 The preference data
     Each row holds two summaries by a noisy writer whose quality q ~ U(0, 1) is drawn per
-    summary: it drops facts, swaps in wrong details, mentions aside facts, rambles past the
-    length budget and repeats itself, each with a probability that falls with q. The chosen
-    summary is the one the oracle prefers, except for 3% rater noise; near-ties are redrawn.
-    So the chosen summaries (the SFT targets) are of mixed quality: an SFT policy is mediocre
-    under the oracle (about 0.8 on average; the best possible is 2) and RL can improve it.
+    summary: it drops facts, swaps in wrong details (rarely: P_SWAP), mentions aside facts,
+    rambles past the length budget and repeats itself, each with a probability that falls with
+    q. The chosen summary is the one the oracle prefers, except for 3% rater noise; pairs
+    closer than MIN_MARGIN are redrawn. The chosen summaries (the SFT targets) average about
+    1.2 under the oracle (the best possible is 2).
+
+What a tiny reward model can learn here
+    Most preferences show without reading the post: a dropped fact leaves a neutral phrase
+    ("someone", "my stuff"), rambles are long, repeats repeat. A wrong detail shows only
+    against the post. A 2-layer reward model trained for minutes does not learn that matching
+    (its held-out accuracy levelled off at 0.74 when a third of the pairs hinged on it), so
+    wrong details are rare in the data: about 0.85 held-out accuracy is reachable. The gold
+    oracle still counts wrong details, so PPO against this reward model can raise the reward
+    while the gold score falls: the over-optimization a regularizer is there to limit.
 """
 
 from __future__ import annotations
@@ -464,6 +473,10 @@ def _make_post(rng: random.Random) -> tuple[_Scenario, str, str, str]:
 # often copy make the task learnable by a tiny model in minutes; the synonyms that remain keep
 # the semantic structure WPR's cost graph uses.
 P_REUSE = 0.75
+# How often (at quality 0) a writer swaps a fact for a wrong one.
+P_SWAP = 0.1
+# Pairs closer than this under the oracle are redrawn: raters compare summaries that differ.
+MIN_MARGIN = 0.3
 
 
 def _reuse(rng: random.Random, sc: _Scenario, slot: str) -> str:
@@ -475,7 +488,7 @@ def _reuse(rng: random.Random, sc: _Scenario, slot: str) -> str:
 def write_summary(rng: random.Random, sc: _Scenario, quality: float) -> str:
     """A summary by the noisy writer: the lower `quality`, the more it drops, swaps and rambles."""
     p_keep = 0.4 + 0.55 * quality
-    p_swap = 0.35 * (1 - quality)
+    p_swap = P_SWAP * (1 - quality)
     used_minor = {(s, c) for m in sc.minor for s, c in m.items()}
 
     def pick(slot: str) -> str | None:
@@ -541,7 +554,7 @@ def generate_rows(n: int, seed: int, split: str = "train") -> list[dict[str, Any
         s2 = write_summary(rng, sc, q2)
         r1, r2 = oracle_score(post, s1), oracle_score(post, s2)
         for _ in range(20):  # redraw near-ties so that every pair has a real preference
-            if abs(r1 - r2) >= 0.1:
+            if abs(r1 - r2) >= MIN_MARGIN:
                 break
             q2 = rng.random()
             s2 = write_summary(rng, sc, q2)
