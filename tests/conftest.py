@@ -30,6 +30,49 @@ DIST_ENV = (
 )
 
 
+def wprctl_in_process(*args: str) -> int:
+    """`wprctl ARGS` in this process (no interpreter start-up); returns the exit status."""
+    from wprctl.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def wprctl_captured(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """`wprctl ARGS` in this process; the exit status and stdout + stderr."""
+    code = wprctl_in_process(*args)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.fixture
+def judge_server():
+    """A local OpenAI-compatible server on 127.0.0.1 (wprctl's own, with scripted replies)."""
+    from wprctl.judge.server import JudgeServer
+
+    srv = JudgeServer()
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A reward model (seeded random head on the tiny backbone) saved as a plain HF folder."""
+    import torch
+
+    from wprctl.models import load_reward_model, load_tokenizer
+
+    out = tmp_path_factory.mktemp("rm") / "model"
+    torch.manual_seed(0)
+    load_reward_model(tiny_model_dir, pad_token_id=0).save_pretrained(out)
+    load_tokenizer(tiny_model_dir).save_pretrained(out)
+    return out
+
+
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a `wprctl` child process: ours, without process-group variables."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from wprctl.cli import main
+from tests.conftest import wprctl_in_process
 from wprctl.codeexec import load_problems
 from wprctl.errors import UserError
 
@@ -16,12 +16,7 @@ APPS = Path(__file__).parent / "fixtures" / "apps" / "apps.jsonl"
 IDS = ["1", "2", "4184", "2404"]
 
 
-def cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+cli = wprctl_in_process
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import clean_env
+from tests.conftest import clean_env, wprctl_in_process
 
 # One thread per process: the machine's cores are shared, and oversubscribed BLAS threads make
 # the tiny model several times slower. Same thread count in and out of process: same float sums.
@@ -36,15 +36,7 @@ TRAIN_KEYS = (
 EVAL_KEYS = ("eval/reward", "eval/gold", "eval/kl_ref", "eval/length", "eval/no_eos_fraction")
 
 
-def wprctl(*args: str) -> int:
-    """`wprctl ARGS` in this process (no interpreter start-up per stage); returns the exit status."""
-    from wprctl.cli import main
-
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+wprctl = wprctl_in_process
 
 
 def _child_env() -> dict[str, str]:

@@ -38,18 +38,6 @@ def policy(tiny_model_dir: Path):
     return load_causal_lm(tiny_model_dir).eval()
 
 
-@pytest.fixture(scope="module")
-def rm_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A reward model (random head on the tiny backbone) saved as a plain HF folder."""
-    from wprctl.models import load_reward_model, load_tokenizer
-
-    out = tmp_path_factory.mktemp("rm") / "model"
-    torch.manual_seed(0)
-    load_reward_model(tiny_model_dir, pad_token_id=0).save_pretrained(out)
-    load_tokenizer(tiny_model_dir).save_pretrained(out)
-    return out
-
-
 def left_padded(tok, prompts: list[str]) -> dict[str, torch.Tensor]:
     from wprctl.data.tokenize import make_collate
 

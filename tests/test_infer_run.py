@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import run_cli
 from wprctl.cli import main
@@ -20,17 +19,6 @@ from wprctl.data.loading import clear_cache
 from wprctl.errors import UserError
 from wprctl.infer.run import run_infer
 from wprctl.manifest import load_manifest
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from wprctl.models import load_reward_model, load_tokenizer
-
-    out = tmp_path_factory.mktemp("rm") / "model"
-    torch.manual_seed(0)
-    load_reward_model(tiny_model_dir, pad_token_id=0).save_pretrained(out)
-    load_tokenizer(tiny_model_dir).save_pretrained(out)
-    return out
 
 
 @pytest.fixture

@@ -10,12 +10,12 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from wprctl.cli import main
+from tests.conftest import wprctl_captured
 from wprctl.judge.io import Pair
 from wprctl.judge.run import RunSettings, plan, summary_path
 from wprctl.judge.server import JudgeServer, Reply
@@ -25,11 +25,8 @@ MODEL = "local-judge"
 
 
 @pytest.fixture
-def server() -> Iterator[JudgeServer]:
-    srv = JudgeServer()
-    srv.start()
-    yield srv
-    srv.stop()
+def server(judge_server: JudgeServer) -> JudgeServer:
+    return judge_server
 
 
 @pytest.fixture(autouse=True)
@@ -90,13 +87,7 @@ def policy(rules: dict[int, str]) -> Callable[[list, str], str | Reply]:
 
 
 def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    return wprctl_captured(capsys, *args)
 
 
 def judge_args(a: Path, b: Path, out: Path, url: str, *extra: str) -> list[str]:

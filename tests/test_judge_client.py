@@ -8,7 +8,6 @@ import json
 import random
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -27,11 +26,8 @@ KEY = "sk-client-test"
 
 
 @pytest.fixture
-def server() -> Iterator[JudgeServer]:
-    srv = JudgeServer()
-    srv.start()
-    yield srv
-    srv.stop()
+def server(judge_server: JudgeServer) -> JudgeServer:
+    return judge_server
 
 
 def ask(server: JudgeServer, prompts: list[str], **settings: object) -> list[Outcome]:

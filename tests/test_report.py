@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
-from wprctl.cli import main
+from tests.conftest import REPO, wprctl_captured
 
 PPO_VARIANTS = {  # name -> (regularizer settings written to config.json, final kl, final reward)
     "ppo-kl": ({"kind": "kl", "kl": {"estimator": "k1"}}, 0.30, 0.55),
@@ -281,13 +280,7 @@ class FakeProject:
 
 def report(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     """`wprctl report ARGS` in this process (the figures dominate; a subprocess adds ~2 s each)."""
-    try:
-        main(["report", *args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    return wprctl_captured(capsys, "report", *args)
 
 
 def assert_png(path: Path) -> None:

@@ -8,20 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from wprctl.cli import main
+from tests.conftest import wprctl_captured
 from wprctl.judge.subset import choose_ids, sample_file
 
 FIXTURE = Path(__file__).parent / "fixtures" / "judge" / "tldr_a.jsonl"
 
 
 def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    return wprctl_captured(capsys, *args)
 
 
 def stratum(row: dict) -> str:

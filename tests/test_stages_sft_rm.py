@@ -33,6 +33,13 @@ def _metrics(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+def _series(manifest: Path, key: str, stage: str = "sft") -> list[float]:
+    """One logged metric of a stage, in step order."""
+    return [
+        r[key] for r in _metrics(manifest.parent / "runs" / stage / "metrics.jsonl") if key in r
+    ]
+
+
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -113,16 +120,8 @@ def test_sft_kill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
     a = _weights(straight.parent / "runs" / "sft" / "model")
     b = _weights(killed.parent / "runs" / "sft" / "model")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
-    la = [
-        r["train/loss"]
-        for r in _metrics(straight.parent / "runs" / "sft" / "metrics.jsonl")
-        if "train/loss" in r
-    ]
-    lb = [
-        r["train/loss"]
-        for r in _metrics(killed.parent / "runs" / "sft" / "metrics.jsonl")
-        if "train/loss" in r
-    ]
+    la = _series(straight, "train/loss")
+    lb = _series(killed, "train/loss")
     assert lb == pytest.approx(la, abs=1e-6)  # the log reads as one uninterrupted run
 
 
@@ -151,31 +150,15 @@ def test_two_process_zero2_matches_one_process(tmp_path: Path) -> None:
         "sft", "-m", str(two), *common, "--set", "sft.batch_size=4", "--num-processes", "2"
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    la = [
-        r["train/loss"]
-        for r in _metrics(one.parent / "runs" / "sft" / "metrics.jsonl")
-        if "train/loss" in r
-    ]
-    lb = [
-        r["train/loss"]
-        for r in _metrics(two.parent / "runs" / "sft" / "metrics.jsonl")
-        if "train/loss" in r
-    ]
+    la = _series(one, "train/loss")
+    lb = _series(two, "train/loss")
     assert len(la) == len(lb) == 4
     # Per-rank token means differ from the global token mean when the two halves of a batch
     # have different response lengths, so compare the held-out loss (one reduction) tightly and
     # the training curve loosely.
     assert lb == pytest.approx(la, abs=0.05)
-    ea = [
-        r["eval/loss"]
-        for r in _metrics(one.parent / "runs" / "sft" / "metrics.jsonl")
-        if "eval/loss" in r
-    ]
-    eb = [
-        r["eval/loss"]
-        for r in _metrics(two.parent / "runs" / "sft" / "metrics.jsonl")
-        if "eval/loss" in r
-    ]
+    ea = _series(one, "eval/loss")
+    eb = _series(two, "eval/loss")
     assert eb[-1] == pytest.approx(ea[-1], abs=1e-3)
 
 

@@ -4,6 +4,8 @@ manifest, and the held-out evaluation whose figures `wprctl report` puts side by
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,6 +13,7 @@ import torch
 from wprctl import engine as eng
 from wprctl.errors import UserError
 from wprctl.manifest import Manifest
+from wprctl.models import tokenizer_for
 from wprctl.rl.rollout import (
     ExecutionReward,
     ModelReward,
@@ -24,6 +27,53 @@ from wprctl.rl.rollout import (
 from wprctl.runs import resolve_model_ref
 from wprctl.scoring import token_logprobs
 from wprctl.stages.supervised import epoch_order, rank_slice, to_device
+
+
+@dataclass
+class OnlineStage:
+    """What PPO and DAR both start from: the actor, its tokenizer and the prompt splits."""
+
+    world: int
+    actor_path: Path
+    tokenizer: Any
+    train_data: Any
+    eval_data: Any
+    batches_per_epoch: int  # prompt batches of `batch_size` per process in one pass
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+
+def open_online_stage(
+    manifest: Manifest, stage: str, actor: str | None, batch_size: int, min_batches: int, need: str
+) -> OnlineStage:
+    """Initialise the process group and the seed, resolve the actor and load the prompts.
+
+    Raises UserError when one pass over the training prompts gives fewer than `min_batches`
+    batches; `need` says what those batches are for (named in the message).
+    """
+    from wprctl.data import load_stage_data
+
+    eng.init_distributed()
+    eng.seed_everything(manifest.project.seed)
+    world = eng.world_size()
+    actor_path = resolve_model_ref(manifest, actor or "sft", what=f"{stage}.actor")
+    tokenizer = tokenizer_for(manifest, actor_path)
+    train_data = load_stage_data(manifest, stage, "train", tokenizer)
+    eval_data = load_stage_data(manifest, stage, "eval", tokenizer)
+    n = len(train_data.dataset)
+    batches = n // (batch_size * world)
+    if batches < min_batches:
+        raise UserError(
+            f"{stage}: {n} training prompts are fewer than one {need} needs "
+            f"({stage}.batch_size {batch_size} x {min_batches} x {world} processes)"
+        )
+    return OnlineStage(world, actor_path, tokenizer, train_data, eval_data, batches)
 
 
 def prompt_batch(

@@ -82,10 +82,8 @@ import torch
 
 from wprctl import engine as eng
 from wprctl.console import console, is_main_process, make_progress
-from wprctl.data import load_stage_data
-from wprctl.errors import UserError
 from wprctl.manifest import Manifest
-from wprctl.models import load_causal_lm, tokenizer_for
+from wprctl.models import load_causal_lm
 from wprctl.rl.dar_math import global_weights, sequence_logprobs, weighted_nll
 from wprctl.rl.online import (
     all_gather_rows,
@@ -93,10 +91,11 @@ from wprctl.rl.online import (
     close_reward_fn,
     evaluate_policy,
     gold_reward_fn,
+    open_online_stage,
     prompt_batch,
 )
 from wprctl.rl.rollout import SamplingConfig, decode, generate, join, response_logits
-from wprctl.runs import MetricsLogger, RunDir, finish_run, resolve_model_ref
+from wprctl.runs import MetricsLogger, RunDir, finish_run
 from wprctl.scoring import token_logprobs
 
 
@@ -109,21 +108,11 @@ class DARRecipe:
 
     def setup(self) -> None:
         m, cfg = self.m, self.cfg
-        eng.init_distributed()
-        eng.seed_everything(m.project.seed)
-        self.world = eng.world_size()
-        actor_path = resolve_model_ref(m, cfg.actor or "sft", what="dar.actor")
-        self.tokenizer = tokenizer_for(m, actor_path)
-        self.pad_id, self.eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        self.train_data = load_stage_data(m, "dar", "train", self.tokenizer)
-        self.eval_data = load_stage_data(m, "dar", "eval", self.tokenizer)
-        n = len(self.train_data.dataset)
-        self.batches_per_epoch = n // (cfg.batch_size * self.world)
-        if self.batches_per_epoch < 1:
-            raise UserError(
-                f"dar: {n} training prompts are fewer than one iteration needs "
-                f"(dar.batch_size {cfg.batch_size} x {self.world} processes)"
-            )
+        st = open_online_stage(m, "dar", cfg.actor, cfg.batch_size, 1, "iteration")
+        self.world, self.tokenizer, actor_path = st.world, st.tokenizer, st.actor_path
+        self.pad_id, self.eos_id = st.pad_id, st.eos_id
+        self.train_data, self.eval_data = st.train_data, st.eval_data
+        self.batches_per_epoch = st.batches_per_epoch
         self.total = cfg.iterations or self.batches_per_epoch
         rows = cfg.batch_size * cfg.samples_per_prompt
         micro = min(cfg.micro_batch_size or rows, rows)

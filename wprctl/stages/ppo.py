@@ -32,16 +32,15 @@ import torch
 
 from wprctl import engine as eng
 from wprctl.console import console, is_main_process, make_progress
-from wprctl.data import load_stage_data
-from wprctl.errors import UserError
 from wprctl.manifest import Manifest
-from wprctl.models import load_causal_lm, load_reward_model, tokenizer_for
+from wprctl.models import load_causal_lm, load_reward_model
 from wprctl.regularizers import BetaController, RegBatch, build_regularizer
 from wprctl.rl.online import (
     build_reward_fn,
     close_reward_fn,
     evaluate_policy,
     gold_reward_fn,
+    open_online_stage,
     prompt_batch,
 )
 from wprctl.rl.ppo_math import (
@@ -100,22 +99,14 @@ class PPORecipe:
 
     def setup(self) -> None:
         m, cfg = self.m, self.cfg
-        eng.init_distributed()
-        eng.seed_everything(m.project.seed)
-        self.world = eng.world_size()
         self.apps = m.data.dataset == "apps"
-        actor_path = resolve_model_ref(m, cfg.actor or "sft", what="ppo.actor")
-        self.tokenizer = tokenizer_for(m, actor_path)
-        self.pad_id, self.eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        self.train_data = load_stage_data(m, "ppo", "train", self.tokenizer)
-        self.eval_data = load_stage_data(m, "ppo", "eval", self.tokenizer)
-        n = len(self.train_data.dataset)
-        self.batches_per_epoch = n // (cfg.batch_size * self.world)
-        if self.batches_per_epoch < cfg.generation_batches:
-            raise UserError(
-                f"ppo: {n} training prompts are fewer than one step needs (batch_size "
-                f"{cfg.batch_size} x generation_batches {cfg.generation_batches} x {self.world} processes)"
-            )
+        st = open_online_stage(
+            m, "ppo", cfg.actor, cfg.batch_size, cfg.generation_batches, "step (generation_batches)"
+        )
+        self.world, self.tokenizer, actor_path = st.world, st.tokenizer, st.actor_path
+        self.pad_id, self.eos_id = st.pad_id, st.eos_id
+        self.train_data, self.eval_data = st.train_data, st.eval_data
+        self.batches_per_epoch = st.batches_per_epoch
         self.total = math.ceil(cfg.epochs * self.batches_per_epoch / cfg.generation_batches)
         if cfg.max_steps is not None:
             self.total = min(self.total, cfg.max_steps)
