@@ -33,6 +33,10 @@ def _run(args: list[str], nproc: int = 1) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def _shm_buffers() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 def _losses(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -55,11 +59,14 @@ def test_one_step_each_zero_stage_trains(tiny_model_dir: Path, tmp_path: Path, z
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_processes_match_one(tiny_model_dir: Path, tmp_path: Path, zero: int) -> None:
     one, two = tmp_path / "one.json", tmp_path / "two.json"
+    before = _shm_buffers()
     _run(["--model", str(tiny_model_dir), "--zero", str(zero), "--steps", "4", "--out", str(one)])
     _run(
         ["--model", str(tiny_model_dir), "--zero", str(zero), "--steps", "4", "--out", str(two)],
         nproc=2,
     )
+    # DeepSpeed's CPU all-reduce buffers (66 MB of RAM each) do not outlive the runs.
+    assert _shm_buffers() <= before
     a, b = _losses(one), _losses(two)
     assert b["world"] == 2
     assert a["losses"] == pytest.approx(b["losses"], abs=MULTIPROC_TOL)

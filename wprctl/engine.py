@@ -67,8 +67,31 @@ def init_distributed() -> None:
         deepspeed.init_distributed(
             dist_backend=get_accelerator().communication_backend_name(), verbose=False
         )
+    _unlink_shm_buffer()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
+
+
+def _unlink_shm_buffer() -> None:
+    """Remove this rank's name of DeepSpeed's CPU all-reduce buffer (66 MB in /dev/shm).
+
+    DeepSpeed never unlinks it, so every CPU run used to leave one file per rank behind until
+    /dev/shm (RAM) was full. Once every rank has mapped every peer's buffer (DeepSpeed's
+    initialisation waits for that; the barrier makes sure all ranks are past it) the names are
+    no longer needed: the mappings stay valid and the memory is freed when the processes exit,
+    however they exit.
+    """
+    import torch.distributed as dist
+
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), rank()
+    )
+    path = Path("/dev/shm") / name
+    if not path.exists():  # GPU runs, other platforms, or the op is not built
+        return
+    if world_size() > 1:
+        dist.barrier()
+    path.unlink(missing_ok=True)
 
 
 def rank() -> int:
