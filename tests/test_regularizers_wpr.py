@@ -87,7 +87,7 @@ def test_wpr_receives_and_keeps_only_topk_compressed_data() -> None:
     div = reg.divergence(batch)
     assert pen.shape == (B, T) and div.shape == (B,)
     pair_tensors = held_tensors(batch.topk)
-    assert len(pair_tensors) == 13
+    assert len(pair_tensors) == 11
     for t in pair_tensors:
         assert t.shape[:2] == (B, T) and t.dim() <= 3
         assert t.dim() == 2 or t.shape[-1] == 2 * k2 + 1 < V

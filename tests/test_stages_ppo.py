@@ -108,11 +108,11 @@ def test_ppo_two_processes(demo_project: Path, tmp_path: Path) -> None:
 def test_too_few_prompts_is_a_usage_error(demo_project: Path, tmp_path: Path) -> None:
     res = run_cli(
         "ppo", "-m", str(demo_project / "wprctl.toml"), *_explicit_models(demo_project, tmp_path),
-        "--set", "ppo.batch_size=5000", "--set", "ppo.generation_batches=2",
+        "--set", "ppo.batch_size=100000", "--set", "ppo.generation_batches=2",
     )  # fmt: skip
     err = " ".join(res.stderr.split())
     assert res.returncode == 2, err[-2000:]
-    assert "ppo.batch_size 5000 x 2" in err and "Traceback" not in err
+    assert "ppo.batch_size 100000 x 2" in err and "Traceback" not in err
 
 
 def test_ppo_apps_mode_uses_execution_rewards(tmp_path: Path, tiny_model_dir: Path) -> None:

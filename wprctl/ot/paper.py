@@ -36,23 +36,32 @@ _TINY = 1e-16  # the official code's guards in the denominators and the log
 
 
 def support_kernel(graph: CostGraph, support: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """float32 CSR kernel (Ns+1, Ns+1) on the sorted ``support`` plus a self-only dust bin."""
+    """float32 CSR kernel (Ns+1, Ns+1) on the sorted ``support`` plus a self-only dust bin.
+
+    The in-support edges are found from the support tokens' directed kNN lists (k1 per token)
+    and symmetrized, which is the graph's definition: cheaper than walking the symmetric CSR rows,
+    whose hub tokens have tens of thousands of entries. exp() is taken on the kept edges only.
+    """
     device = support.device
     g = graph.on(device)
     Ns = support.numel()
     mapping = torch.full((graph.num_tokens,), -1, dtype=torch.long, device=device)
     mapping[support] = torch.arange(Ns, device=device)
-    starts = g["indptr"][support]
-    counts = g["indptr"][support + 1] - starts
-    rows = torch.repeat_interleave(torch.arange(Ns, device=device), counts)
-    offsets = torch.cumsum(counts, 0) - counts
-    flat = starts[rows] + torch.arange(rows.numel(), device=device) - offsets[rows]
-    cols = mapping[g["indices"][flat]]
-    vals = torch.exp(-(g["costs"][flat].to(torch.float32) / epsilon))
-    keep = (cols >= 0) & (vals > 0)
+    hit = mapping[g["knn"].index_select(0, support)]  # (Ns, k1) slot of each neighbour, or -1
+    r, c = (hit >= 0).nonzero(as_tuple=True)
+    j = hit[r, c]
+    cost = g["knn_cost"].index_select(0, support)[r, c]
+    # an edge found from both ends appears twice (same cost): keep one
+    key = torch.cat([r * Ns + j, j * Ns + r])
+    key, order = torch.sort(key)
+    first = torch.ones_like(key, dtype=torch.bool)
+    first[1:] = key[1:] != key[:-1]
+    key, cost = key[first], torch.cat([cost, cost])[order[first]]
+    vals = torch.exp(-(cost.to(torch.float32) / epsilon))
+    keep = vals > 0  # exp underflowed to 0: adding 0 * v is exact, so the entry is dropped
     diag = torch.arange(Ns + 1, device=device)
-    rows = torch.cat([rows[keep], diag])
-    cols = torch.cat([cols[keep], diag])
+    rows = torch.cat([key[keep] // Ns, diag])
+    cols = torch.cat([key[keep] % Ns, diag])
     vals = torch.cat([vals[keep], torch.ones(Ns + 1, dtype=torch.float32, device=device)])
     order = torch.argsort(rows * (Ns + 1) + cols)
     crow = torch.zeros(Ns + 2, dtype=torch.long, device=device)

@@ -18,10 +18,13 @@ import torch
 from wprctl.errors import UserError
 from wprctl.ot.graph import CostGraph, check_epsilon
 from wprctl.ot.paper import paper_sinkhorn, paper_support, support_kernel
+from wprctl.ot.threads import single_threaded_when
 from wprctl.ot.topk import TopKPair, check_logits, compress_topk
 from wprctl.ot.wellposed import support_edges, wellposed_solve
 
 Method = Literal["wellposed", "paper"]
+# Below this many (support x positions) entries the paper solver runs on one intra-op thread
+_SMALL = 2**20
 Gauge = Literal["centered", "raw"]
 
 
@@ -107,6 +110,9 @@ def _finish(
 # ------------------------------------------------------------------------------------ paper
 
 
+@single_threaded_when(
+    lambda support, a_sub, *_: a_sub.device.type == "cpu" and a_sub.numel() < _SMALL
+)
 def _paper_core(
     support: torch.Tensor,
     a_sub: torch.Tensor,
@@ -147,6 +153,12 @@ def _paper_core(
     return _finish(mask, phi, value, out, out["infeasible"], Ns + 1, "paper")
 
 
+@single_threaded_when(
+    lambda policy_logits, ref_logits, actions, mask, *_: (
+        policy_logits.device.type == "cpu"
+        and int(mask.sum()) * policy_logits.shape[-1] < 4 * _SMALL
+    )
+)
 def _paper_full(
     policy_logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -230,35 +242,53 @@ def _wellposed(
     reservoir: float,
     reservoir_scale: float,
     dtype: torch.dtype,
-    reservoir_margin: float = 30.0,
+    reservoir_margin: float = 10.0,
 ) -> WPRResult:
     mask = pair.mask
     ids, valid = pair.indices[mask], pair.valid[mask]
-    la = pair.logp[mask].to(dtype).masked_fill(~valid, -math.inf)
-    lb = pair.logq[mask].to(dtype).masked_fill(~valid, -math.inf)
+    slot = pair.action_slot[mask].unsqueeze(1)
+    # Valid slots first, then drop the columns no position uses: the union of the two top-k2
+    # sets is often much smaller than 2 k2 + 1 and every solver step is O(slots).
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+    width = max(1, int(valid.sum(1).max())) if valid.numel() else 1
+    order = order[:, :width]
+    slot = torch.argsort(torch.argsort((~valid).to(torch.int8), dim=1, stable=True), dim=1).gather(
+        1, slot
+    )
+    ids, valid = ids.gather(1, order), valid.gather(1, order)
+    la = pair.logp[mask].gather(1, order).to(dtype).masked_fill(~valid, -math.inf)
+    lb = pair.logq[mask].gather(1, order).to(dtype).masked_fill(~valid, -math.inf)
     tail_a, tail_b = pair.tail_p[mask].to(dtype), pair.tail_q[mask].to(dtype)
+    # Both sides must carry exactly the same total mass, or no coupling exists and the marginal
+    # error can never drop below the difference. float32 log-probabilities of large logits are
+    # off by ~1e-5, and a tail clamped at 0 then leaves a(S) > 1: renormalize each side to 1.
+    for lx, tail in ((la, tail_a), (lb, tail_b)):
+        total = torch.logsumexp(lx, dim=1).exp() + tail
+        lx -= torch.log(total).unsqueeze(1)
+        tail /= total
     edges = support_edges(graph, ids, valid)
     g = graph.on(ids.device)
     if "knn_mean" not in g:
         g["knn_mean"] = g["knn_cost"].mean(dim=1)
     lam = (dust_scale * g["knn_mean"][ids]).masked_fill(~valid, 0.0)
-    # far enough that exp(-Lambda/eps) < 1e-13: a feasible problem never notices the reservoir
-    lam_r = reservoir_scale * float(graph.knn_cost.max()) + reservoir_margin * epsilon
+    # 2 Lambda exceeds the dearest legitimate route (one graph edge, or slot -> dust -> slot at
+    # lambda_i + lambda_j) by 2 * margin * eps: a feasible problem leaks < exp(-2 margin) of its
+    # mass through the reservoir, i.e. never notices it
+    top = max(float(graph.knn_cost.max()), float(lam.max()) if lam.numel() else 0.0)
+    lam_r = reservoir_scale * top + reservoir_margin * epsilon
     out = wellposed_solve(
         la, lb, tail_a, tail_b, edges, lam, lam_r, epsilon, max_iter, tol, reservoir=reservoir
     )
     F, G, FD, GD = out["F"], out["G"], out["FD"], out["GD"]
-    slot = pair.action_slot[mask].unsqueeze(1)
     a = la.exp()
     # the tail's sum a_j F_j: the lumped a_D F_D plus the correction of the module docstring
-    # of ``wellposed`` (all in units of eps)
-    t_aa, t_ab = pair.tail_plogp[mask].to(dtype), pair.tail_plogq[mask].to(dtype)
-    t_bb, t_ba = pair.tail_qlogq[mask].to(dtype), pair.tail_qlogp[mask].to(dtype)
-    lumped = _xlogy(tail_a, tail_a * tail_b)
-    corr_a = torch.where(tail_a > 0, (t_aa + t_ab - lumped) / 4, torch.zeros_like(tail_a))
-    lumped_b = _xlogy(tail_b, tail_a * tail_b)
-    corr_b = torch.where(tail_b > 0, (t_bb + t_ba - lumped_b) / 4, torch.zeros_like(tail_b))
-    Fz = torch.where(valid, F, torch.zeros_like(F))
+    # of ``wellposed``, (1/2) (sum_tail a_j log a_j - a_D log a_D) (in units of eps)
+    t_aa, t_bb = pair.tail_plogp[mask].to(dtype), pair.tail_qlogq[mask].to(dtype)
+    zero = torch.zeros_like(tail_a)
+    corr_a = torch.where(tail_a > 0, (t_aa - _xlogy(tail_a, tail_a)) / 2, zero)
+    corr_b = torch.where(tail_b > 0, (t_bb - _xlogy(tail_b, tail_b)) / 2, zero)
+    # zero-mass slots (unused, or a -inf logit) have potential -inf: 0 * (-inf) must be 0
+    Fz = torch.where(a > 0, F, torch.zeros_like(F))
     mean_f = (a * Fz).sum(1) + _times(tail_a, FD) + corr_a
     if gauge == "raw":
         phi = epsilon * (F.gather(1, slot).squeeze(1) - (out["FR"] - out["GR"]) / 2)
@@ -267,10 +297,10 @@ def _wellposed(
     value = None
     if return_value:
         b = lb.exp()
-        Gz = torch.where(valid, G, torch.zeros_like(G))
+        Gz = torch.where(b > 0, G, torch.zeros_like(G))
         mean_g = (b * Gz).sum(1) + _times(tail_b, GD) + corr_b
         neg_entropy = (
-            (a * la.masked_fill(~valid, 0.0)).sum(1) + (b * lb.masked_fill(~valid, 0.0)).sum(1)
+            _times(a, la).sum(1) + _times(b, lb).sum(1)
             + t_aa + t_bb
         )  # fmt: skip
         value = epsilon * (mean_f + mean_g - neg_entropy)
@@ -302,7 +332,7 @@ def wpr_potentials(
     dust_scale: float = 1.0,
     reservoir: float = 2.0,
     reservoir_scale: float = 2.0,
-    reservoir_margin: float = 30.0,
+    reservoir_margin: float = 10.0,
     dtype: torch.dtype = torch.float64,
 ) -> WPRResult:
     """WPR penalty phi (B, T) at ``actions`` from full (B, T, V) logits (policy a, reference b).
@@ -347,7 +377,7 @@ def wpr_potentials_topk(
     dust_scale: float = 1.0,
     reservoir: float = 2.0,
     reservoir_scale: float = 2.0,
-    reservoir_margin: float = 30.0,
+    reservoir_margin: float = 10.0,
     dtype: torch.dtype = torch.float64,
 ) -> WPRResult:
     """WPR penalty from the compressed form (see ``compress_topk``); same result fields.

@@ -3,9 +3,9 @@
 Computed once at rollout from the two (B, T, V) logit tensors, it keeps per position only the
 support the well-posed penalty needs, S = top-k(a) U top-k(b) U {y}, as at most 2k + 1 slots
 (token ids, both log-probabilities, a validity flag for duplicate ids) plus the two tail masses
-1 - a(S) and 1 - b(S) and four tail sums (sum over the tokens outside S of a log a, a log b,
-b log b and b log a: what the well-posed method needs to stand the lumped tail in for its tokens
-in the centering and the OT value). Memory per position is O(k), independent of the vocabulary
+1 - a(S) and 1 - b(S) and the two tail sums over the tokens outside S of a log a and b log b
+(what the well-posed method needs to stand the lumped tail in for its tokens in the centering
+and the OT value). Memory per position is O(k), independent of the vocabulary
 size V.
 """
 
@@ -30,9 +30,7 @@ class TopKPair:
     tail_q: torch.Tensor  # (B, T) float64 reference mass outside the support
     # (B, T) float64 sums over the tokens outside the support (0 when there are none)
     tail_plogp: torch.Tensor  # sum a log a
-    tail_plogq: torch.Tensor  # sum a log b
     tail_qlogq: torch.Tensor  # sum b log b
-    tail_qlogp: torch.Tensor  # sum b log a
     actions: torch.Tensor  # (B, T) int64
     action_slot: torch.Tensor  # (B, T) int64, slot of the action in the support
     mask: torch.Tensor  # (B, T) bool, positions that get a penalty
@@ -49,7 +47,7 @@ class TopKPair:
             t.numel() * t.element_size()
             for t in (
                 self.indices, self.logp, self.logq, self.valid, self.tail_p, self.tail_q,
-                self.tail_plogp, self.tail_plogq, self.tail_qlogq, self.tail_qlogp,
+                self.tail_plogp, self.tail_qlogq,
                 self.actions, self.action_slot, self.mask,
             )
         )  # fmt: skip
@@ -59,7 +57,7 @@ class TopKPair:
             name: getattr(self, name).to(device)
             for name in (
                 "indices", "logp", "logq", "valid", "tail_p", "tail_q",
-                "tail_plogp", "tail_plogq", "tail_qlogq", "tail_qlogp",
+                "tail_plogp", "tail_qlogq",
                 "actions", "action_slot", "mask",
             )
         }  # fmt: skip
@@ -107,11 +105,17 @@ def _tail(logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (-torch.expm1(lse)).clamp_min(0.0)
 
 
-def _exp_lse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """exp(x - max) and logsumexp(x) along the last dim, with one exp pass."""
-    m = x.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)
-    e = torch.exp(x - m)
-    return e, m.squeeze(-1) + torch.log(e.sum(-1))
+def _softmax_lse(x: torch.Tensor, top: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(x) and logsumexp(x) along the last dim without a second exp pass.
+
+    ``top`` (rows, 1): the index of each row's largest entry (None: found here). The fused
+    softmax is about twice as fast as exp(x - max) on CPU, and lse = x_max - log p_max.
+    """
+    p = torch.softmax(x, dim=-1)
+    if top is None:
+        top = x.argmax(dim=-1, keepdim=True)
+    lse = x.gather(1, top).squeeze(1) - torch.log(p.gather(1, top).squeeze(1))
+    return p, lse
 
 
 def _xlogy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -128,14 +132,15 @@ def _tail_sums(
     tail_q: torch.Tensor,
     full: bool,
 ) -> torch.Tensor:
-    """(4, B, T) whole-vocabulary sums minus the support's part; 0 without a tail.
+    """(2, B, T) whole-vocabulary sums minus the support's part.
 
     Where a sum is not finite (a token with mass under one distribution and probability 0, i.e.
     a -inf logit, under the other) it falls back to the lumped value (tail mass) log (tail mass),
     which makes the solver's tail correction 0 there.
     """
-    if full:
-        return torch.zeros_like(sums)
+    lumped = torch.stack([_xlogy(tail_p, tail_p), _xlogy(tail_q, tail_q)])
+    if full:  # no tail tokens: at most a rounding rest, which stays lumped
+        return lumped
     lp = logp.double().masked_fill(~valid, -torch.inf)
     lq = logq.double().masked_fill(~valid, -torch.inf)
     p, q = lp.exp(), lq.exp()
@@ -143,12 +148,9 @@ def _tail_sums(
     def dot(m: torch.Tensor, lx: torch.Tensor) -> torch.Tensor:
         return torch.where(m > 0, m * lx, torch.zeros_like(m)).sum(-1)
 
-    support = torch.stack([dot(p, lp), dot(p, lq), dot(q, lq), dot(q, lp)])
+    support = torch.stack([dot(p, lp), dot(q, lq)])
     # a tail sum of x log y is <= 0 (masses <= 1); rounding can leave a tiny positive rest
     out = (sums - support).clamp_max(0.0)
-    lumped = torch.stack(
-        [_xlogy(tail_p, tail_p), _xlogy(tail_p, tail_q), _xlogy(tail_q, tail_q), _xlogy(tail_q, tail_p)]
-    )
     return torch.where(torch.isfinite(out), out, lumped)
 
 
@@ -162,7 +164,7 @@ def compress_topk(
     """Compress two (B, T, V) logit tensors to the per-position support top-k(a) U top-k(b) U {y}.
 
     With ``k >= V`` the support is the whole vocabulary (no truncation). Only O(k) values per
-    position are kept; the full log-softmax is computed one row block at a time.
+    position are kept; the full softmax is computed one row block at a time.
     """
     mask_b = check_logits(policy_logits, ref_logits, actions, mask)
     if not isinstance(k, int) or k < 1:
@@ -175,8 +177,8 @@ def compress_topk(
     idx = torch.empty(B, T, S, dtype=torch.long, device=device)
     logp = torch.empty(B, T, S, dtype=torch.float32, device=device)
     logq = torch.empty_like(logp)
-    # whole-vocabulary sums a log a, a log b, b log b, b log a (the support's part is removed below)
-    sums = torch.empty(4, B * T, dtype=torch.float64, device=device)
+    # whole-vocabulary sums a log a and b log b (the support's part is removed below)
+    sums = torch.empty(2, B * T, dtype=torch.float64, device=device)
     flat_p, flat_q = policy_logits.reshape(B * T, V), ref_logits.reshape(B * T, V)
     flat_idx, flat_lp, flat_lq = idx.view(B * T, S), logp.view(B * T, S), logq.view(B * T, S)
     flat_y = actions.reshape(B * T, 1)
@@ -185,30 +187,28 @@ def compress_topk(
     for lo in range(0, B * T, block):
         hi = min(B * T, lo + block)
         x, z = flat_p[lo:hi].float(), flat_q[lo:hi].float()
-        # one exp pass per distribution: e = exp(x - max), lse = max + log sum e, and
-        # sum a log b = (sum e * z) / sum e - lse_b; top-k of the logits = top-k of log-probs
-        (ex, lse_x), (ez, lse_z) = _exp_lse(x), _exp_lse(z)
-        sx, sz = ex.sum(-1), ez.sum(-1)
-        sums[0, lo:hi] = (torch.linalg.vecdot(ex, x) / sx).double() - lse_x.double()
-        sums[1, lo:hi] = (torch.linalg.vecdot(ex, z) / sx).double() - lse_z.double()
-        sums[2, lo:hi] = (torch.linalg.vecdot(ez, z) / sz).double() - lse_z.double()
-        sums[3, lo:hi] = (torch.linalg.vecdot(ez, x) / sz).double() - lse_x.double()
-        del ex, ez
         if full:
             ids = torch.arange(V, device=device).expand(hi - lo, V)
+            top_x = top_z = None
         else:
-            ids = torch.cat(
-                [torch.topk(x, k, dim=-1).indices, torch.topk(z, k, dim=-1).indices, flat_y[lo:hi]],
-                dim=-1,
-            ).sort(dim=-1).values  # fmt: skip
+            # top-k of the logits = top-k of the log-probabilities; sorted, so column 0 is the max
+            top_x = torch.topk(x, k, dim=-1).indices
+            top_z = torch.topk(z, k, dim=-1).indices
+            ids = torch.cat([top_x, top_z, flat_y[lo:hi]], dim=-1).sort(dim=-1).values
+            top_x, top_z = top_x[:, :1], top_z[:, :1]
+        for row, (t, top, out) in enumerate(((x, top_x, flat_lp), (z, top_z, flat_lq))):
+            p, lse = _softmax_lse(t, top)
+            # sum p log p = sum p (x - lse); sum p is 1 up to rounding, so it is kept
+            dot = torch.bmm(p.unsqueeze(1), t.unsqueeze(2)).view(-1)
+            sums[row, lo:hi] = dot.double() - lse.double() * p.sum(-1).double()
+            out[lo:hi] = t.gather(1, ids) - lse.unsqueeze(1)
+            del p
         flat_idx[lo:hi] = ids
-        flat_lp[lo:hi] = x.gather(1, ids) - lse_x.unsqueeze(1)
-        flat_lq[lo:hi] = z.gather(1, ids) - lse_z.unsqueeze(1)
     valid = torch.ones(B, T, S, dtype=torch.bool, device=device)
     valid[..., 1:] = idx[..., 1:] != idx[..., :-1]
     action_slot = torch.searchsorted(idx, actions.unsqueeze(-1)).squeeze(-1)
     tail_p, tail_q = _tail(logp, valid), _tail(logq, valid)
-    tails = _tail_sums(sums.view(4, B, T), logp, logq, valid, tail_p, tail_q, full)
+    tails = _tail_sums(sums.view(2, B, T), logp, logq, valid, tail_p, tail_q, full)
     return TopKPair(
         indices=idx,
         logp=logp,
@@ -217,9 +217,7 @@ def compress_topk(
         tail_p=tail_p,
         tail_q=tail_q,
         tail_plogp=tails[0],
-        tail_plogq=tails[1],
-        tail_qlogq=tails[2],
-        tail_qlogp=tails[3],
+        tail_qlogq=tails[1],
         actions=actions,
         action_slot=action_slot,
         mask=mask_b,

@@ -11,14 +11,24 @@ of any exact plan into D gives a plan of this problem, so it is feasible wheneve
 problem is.
 
 Reservoir (feasibility). One more bin R with mass rho > 1 on both sides (default 2), C_RR = 0,
-exchanging with every slot and with D at the cost Lambda = ``reservoir_scale`` * (largest kNN
-cost) + ``reservoir_margin`` * eps. Now a coupling always exists and is strictly positive:
-P_ii = min(a_i, b_i), P_iR = (a_i - b_i)^+, P_Rj = (b_j - a_j)^+, P_DD = min(a_D, b_D),
-P_DR, P_RD the remaining dust mass, P_RR = rho - (moved mass) >= rho - 1 > 0; so finite dual
-potentials exist. Mass routed i -> R -> j costs 2 Lambda: more than any path the graph offers
-and, by the margin, exp(-Lambda/eps) < 1e-13, so a feasible problem never notices the reservoir
-(its result is the untruncated exact one when k2 >= V) while an infeasible one still has an
-answer: the unmovable mass pays 2 Lambda.
+exchanging with every slot and with D at the cost Lambda = ``reservoir_scale`` (default 2) *
+max(largest kNN cost, largest lambda_i) + ``reservoir_margin`` (default 10) * eps. Now a coupling
+always exists and is strictly positive: P_ii = min(a_i, b_i), P_iR = (a_i - b_i)^+,
+P_Rj = (b_j - a_j)^+, P_DD = min(a_D, b_D), P_DR, P_RD the remaining dust mass,
+P_RR = rho - (moved mass) >= rho - 1 > 0; so finite dual potentials exist. Mass routed
+i -> R -> j costs 2 Lambda, far more than any legitimate route (one graph edge, or i -> D -> j at
+lambda_i + lambda_j <= 2 max cost), so a feasible problem does not notice R and its result is the
+untruncated exact one when k2 >= V, while an infeasible one still has an answer: the unmovable
+mass pays 2 Lambda. How far is far enough is empirical: a nearly infeasible problem has large
+potentials (mass squeezed through a few dear edges) and then does feel R. With Lambda = max + 10
+eps one golden position (n512_cos_k64, k2 = V) moved by 0.17 std; with the default 2 max + 10 eps
+none moves by 1e-4 std. The potentials of an infeasible problem are of the order of Lambda/eps
+in log units, which is what costs Newton its extra steps (Lambda = max + 10 eps is ~30% faster
+on the benchmark, at the price above).
+
+Masses. Both sides are renormalized so that a(S) + a_D = b(S) + b_D = 1 exactly (float32
+log-probabilities of large logits are off by ~1e-5, and with a tail clamped at 0 the two totals
+would differ: no coupling would exist and the marginal error could not reach tol).
 
 Solver. With F = f/eps, G = g/eps over the n = |S| + 2 nodes of each side (slots, D, R) and the
 plan P_ij = exp(F_i + G_j - C_ij/eps) on the edges E (self-loops, in-support graph edges, every
@@ -28,31 +38,53 @@ slot <-> D and R, D <-> R), the dual objective
 
 is concave; its gradient is the marginal error (a - P 1, b - P^T 1) and its negative Hessian is
 the signless Laplacian J = [[diag(P 1), P], [P^T, diag(P^T 1)]] (null vector (1, -1): the gauge).
-Damped Newton: solve J d = grad Phi by preconditioned conjugate gradients, cap the step at
-``step_cap`` in log units (far from the optimum the quadratic model is poor: potentials must move
-by up to Lambda/eps), then backtrack on Phi (Armijo) per position. The preconditioner is J
-without the off-diagonal graph couplings P_ij (i != j in S), keeping their diagonal
-contributions: a 2x2 block [[r_i, P_ii], [P_ii, c_i]] per slot plus the four hub variables
-(F_D, G_D, F_R, G_R) coupled to every slot, inverted exactly in O(|S|) by eliminating the slots
-and solving the 4x4 Schur complement. It dominates J in the Loewner order, so PCG is well defined,
-and it is exact when no in-support graph edge carries mass (the common case for a truncated
-support: dust and reservoir couplings, which force thousands of Sinkhorn iterations, are
-handled exactly), so Newton typically converges in 5-20 steps. Everything is in log space (the
-kernel exp(-C/eps) is never formed, so eps = 1e-3 with L2 costs is fine) and batched over all
-positions: one flat edge list, no Python loop over positions. A position stops as soon as the L1
-error of both marginals (slots, D and R) is <= tol and is then frozen, so the result does not
-depend on ``max_iter`` (the Newton step budget) once converged.
+Each iteration of the damped Newton method:
+
+1. a Sinkhorn sweep, G += log b - log(P^T 1) then F += log a - log(P 1): keeps J's diagonal
+   matched to the masses (without it whole-vocabulary problems stall on badly scaled directions)
+   and makes every iteration at least a Sinkhorn iteration;
+2. (J + delta I) d = grad Phi (Levenberg-Marquardt, delta = 1e-10 in mass units: a variable with
+   a tiny mass cannot ask for an arbitrarily large step) by preconditioned conjugate gradients,
+   inexactly (relative residual min(0.1, sqrt(error)), at most ``max_cg`` * (1 + k // 8) steps at
+   iteration k: cheap while every position is in the batch, more for the few stragglers);
+3. the gauge component of d removed (f_R = g_R), the step capped at max(``step_cap``,
+   Lambda / (4 eps)) in log units (far from the optimum the quadratic model is poor), then
+   backtracking on Phi (Armijo) per position; where it fails, one more Sinkhorn half step on G
+   (exact block ascent), so the method never stalls.
+
+The preconditioner is J + delta I without the off-diagonal graph couplings P_ij (i != j in S),
+keeping their diagonal contributions: a 2x2 block [[r_i, P_ii], [P_ii, c_i]] per slot plus the
+four hub variables (F_D, G_D, F_R, G_R) coupled to every slot, inverted exactly in O(|S|) by
+eliminating the slots and solving the 4x4 Schur complement. It dominates J in the Loewner order,
+so PCG is well defined, and it is exact when no in-support graph edge carries mass: the dust and
+reservoir couplings, which made Sinkhorn take thousands of iterations, are handled exactly.
+
+eps-scaling. When Lambda/eps exceeds 4 * 40 log units (eps = 0.01 or 1e-3 with L2 costs), a
+route that must carry mass (infeasible mass through R, a slot through D) starts at
+exp(-hundreds or thousands), 0 in float64, and no method gets a signal along it. The solve then
+starts at eps0 = Lambda/40 and divides eps by 4 per stage down to the target, each stage started
+from the previous potentials in cost units (intermediate stages to tolerance 1e-3, iterations of
+all stages counted).
+
+Measured: 5-15 Newton steps on feasible positions, 15-40 on infeasible ones (their potentials are
+of the order of Lambda/eps). Everything is in log space (the kernel exp(-C/eps) is never formed)
+and batched over all positions: one flat edge list, no Python loop over positions. A position
+stops as soon as the L1 error of both marginals (slots, D and R) is <= tol and is then frozen, so
+the result does not depend on ``max_iter`` (the Newton step budget) once converged. The tensors
+are small (positions x slots) and the ops many, so the solver runs with one intra-op thread on
+CPU.
 
 Tail correction (the dust bin is one lumped token). The penalty is centered with the a-weighted
 mean of f over the whole vocabulary, and a lumped bin's potential is not the mean potential of
-the tokens it stands for: with a kernel close to the identity a token's potentials are about
-f_j ~ g_j ~ (eps/2) log sqrt(a_j b_j) up to the common level, so (TopKPair carries the tail sums
-sum_{j not in S} a_j log a_j, a_j log b_j, b_j log b_j, b_j log a_j, computed once at rollout)
+the tokens it stands for. With a kernel close to the identity, u (K v) = a gives u_j ~ sqrt(a_j)
+up to the common level, i.e. f_j ~ f_D + (eps/2) log(a_j / a_D) for the tail tokens j, so
+(TopKPair carries the tail sums sum_{j not in S} a_j log a_j and b_j log b_j, computed once at
+rollout from the full distributions)
 
-    sum_{j not in S} a_j f_j ~ a_D f_D + (eps/4) (sum a_j log a_j + sum a_j log b_j - a_D log(a_D b_D))
+    sum_{j not in S} a_j f_j ~ a_D f_D + (eps/2) (sum_{j not in S} a_j log a_j - a_D log a_D)
 
-and the same for <b, g> with the roles of a and b swapped. This makes the identical-policies
-case exact up to the kernel's off-diagonal terms (it was the dominant error there).
+and the same for <b, g> with b. This is exact for identical policies up to the kernel's
+off-diagonal terms, where the lumped a_D f_D alone was the dominant error.
 
 Gauge. ``raw``: the gauge with f_R = g_R (potentials measured against the reservoir).
 ``centered``: f(y) - (sum_{i in S} a_i f_i + sum_{j not in S} a_j f_j), the tail sum as above, as
@@ -71,13 +103,12 @@ mass to its graph neighbours, mostly tail tokens) the error at k2 = 64 stays aro
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from wprctl.ot.graph import CostGraph
-
-import os
-_DEBUG = bool(os.environ.get("WPR_DEBUG"))
+from wprctl.ot.threads import single_thread
 
 
 def support_edges(
@@ -98,7 +129,8 @@ def support_edges(
     dt = torch.int16 if S < 2**15 else torch.int32
     # about 1 MB of slot map and 16 MB of gathered neighbour ids per chunk
     chunk = max(1, min(P, (2**20) // (2 * V), (2 * 2**20) // max(1, S * k1)))
-    ps, is_, js, cs = [], [], [], []
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    ps, is_, js, cs = [empty], [empty], [empty], [knn_cost.new_empty(0)]
     for lo in range(0, P, chunk):
         hi = min(P, lo + chunk)
         p, i = valid[lo:hi].nonzero(as_tuple=True)
@@ -122,7 +154,6 @@ def support_edges(
     first[1:] = key[1:] != key[:-1]
     key, c = key[first], c[order[first]]
     return key // (S * S), (key // S) % S, key % S, c
-
 
 
 def _safe_dot(mass: torch.Tensor, pot: torch.Tensor) -> torch.Tensor:
@@ -150,7 +181,9 @@ class _Batch:
         self.mF = la.exp()
         self.mG = lb.exp()
         rho = math.exp(log_rho)
-        self.mH = torch.stack([laD.exp(), lbD.exp(), la.new_full((W,), rho), la.new_full((W,), rho)], -1)
+        self.mH = torch.stack(
+            [laD.exp(), lbD.exp(), la.new_full((W,), rho), la.new_full((W,), rho)], -1
+        )
         self.actF = torch.isfinite(la)
         self.actG = torch.isfinite(lb)
         self.actH = self.mH > 0
@@ -208,7 +241,21 @@ def _plan(bt: _Batch, F: torch.Tensor, G: torch.Tensor, H: torch.Tensor, lam_r: 
         ],
         -1,
     )
-    return dict(Pd=Pd, Pe=Pe, PiD=PiD, PDj=PDj, PiR=PiR, PRj=PRj, PDD=PDD, PDR=PDR, PRD=PRD, PRR=PRR, r=r, c=c, rh=rh)
+    return dict(
+        Pd=Pd,
+        Pe=Pe,
+        PiD=PiD,
+        PDj=PDj,
+        PiR=PiR,
+        PRj=PRj,
+        PDD=PDD,
+        PDR=PDR,
+        PRD=PRD,
+        PRR=PRR,
+        r=r,
+        c=c,
+        rh=rh,
+    )
 
 
 def _objective(
@@ -216,8 +263,12 @@ def _objective(
 ) -> torch.Tensor:
     """Phi of the module docstring (total plan mass = sum of the row marginals)."""
     return (
-        _safe_dot(bt.mF, F) + _safe_dot(bt.mG, G) + _safe_dot(bt.mH, H)
-        - pl["r"].sum(1) - pl["rh"][:, 0] - pl["rh"][:, 2]
+        _safe_dot(bt.mF, F)
+        + _safe_dot(bt.mG, G)
+        + _safe_dot(bt.mH, H)
+        - pl["r"].sum(1)
+        - pl["rh"][:, 0]
+        - pl["rh"][:, 2]
     )
 
 
@@ -248,11 +299,16 @@ class _Precond:
 
     def __init__(self, bt: _Batch, pl: Plan, ridge: float = 1e-10) -> None:
         # inactive variables (zero mass: empty slot, empty dust side) get an identity row
-        r = torch.where(bt.actF, pl["r"] * (1 + ridge), torch.ones_like(pl["r"]))
-        c = torch.where(bt.actG, pl["c"] * (1 + ridge), torch.ones_like(pl["c"]))
+        tiny = torch.finfo(pl["r"].dtype).tiny
+        r = torch.where(bt.actF, pl["r"], torch.ones_like(pl["r"])).clamp_min(tiny)
+        c = torch.where(bt.actG, pl["c"], torch.ones_like(pl["c"])).clamp_min(tiny)
         Pd = pl["Pd"]
-        det = r * c - Pd * Pd
-        self.al, self.be, self.ga = c / det, -Pd / det, r / det
+        # [[r, Pd], [Pd, c]]^-1 with a relative ridge, in a form that neither underflows
+        # (masses ~1e-170 square to 0) nor divides by a cancelled determinant:
+        # det = r c ((1 + ridge)^2 - (Pd / r)(Pd / c)), the bracket >= 2 ridge
+        pr, pc = Pd / r, Pd / c
+        dd = (1 + ridge) ** 2 - pr * pc
+        self.al, self.be, self.ga = 1 / (r * dd), -pr / (c * dd), 1 / (c * dd)
         self.PiD, self.PiR, self.PDj, self.PRj = pl["PiD"], pl["PiR"], pl["PDj"], pl["PRj"]
         al, be, ga = self.al, self.be, self.ga
         PiD, PiR, PDj, PRj = self.PiD, self.PiR, self.PDj, self.PRj
@@ -282,7 +338,9 @@ class _Precond:
         eye = torch.eye(4, dtype=r.dtype, device=r.device).expand(W, 4, 4)
         both = act.unsqueeze(-1) & act.unsqueeze(-2)
         Schur = torch.where(both, Schur, eye * 1.0)
-        self.Hinv = torch.linalg.inv(Schur)
+        Schur = Schur + ridge * torch.diag_embed(Schur.diagonal(dim1=1, dim2=2).abs())
+        # a singular hub block (hub couplings underflowed) drops the hub correction
+        self.Hinv = torch.nan_to_num(torch.linalg.inv(Schur), nan=0.0, posinf=0.0, neginf=0.0)
         self.actF, self.actG, self.actH = bt.actF, bt.actG, act
 
     def apply(self, qF: torch.Tensor, qG: torch.Tensor, qH: torch.Tensor) -> Vec:
@@ -291,7 +349,13 @@ class _Precond:
         tF = al * qF + be * qG
         tG = be * qF + ga * qG
         rhs = qH - torch.stack(
-            [(self.PDj * tG).sum(1), (self.PiD * tF).sum(1), (self.PRj * tG).sum(1), (self.PiR * tF).sum(1)], -1
+            [
+                (self.PDj * tG).sum(1),
+                (self.PiD * tF).sum(1),
+                (self.PRj * tG).sum(1),
+                (self.PiR * tF).sum(1),
+            ],
+            -1,
         )
         rhs = torch.where(self.actH, rhs, torch.zeros_like(rhs))
         h = (self.Hinv @ rhs.unsqueeze(-1)).squeeze(-1)
@@ -300,9 +364,9 @@ class _Precond:
         uG = qG - self.PDj * hFD[:, None] - self.PRj * hFR[:, None]
         zF = al * uF + be * uG
         zG = be * uF + ga * uG
-        zF = torch.where(self.actF, zF, torch.zeros_like(zF))
-        zG = torch.where(self.actG, zG, torch.zeros_like(zG))
-        return zF, zG, h
+        zF = torch.where(self.actF & torch.isfinite(zF), zF, torch.zeros_like(zF))
+        zG = torch.where(self.actG & torch.isfinite(zG), zG, torch.zeros_like(zG))
+        return zF, zG, torch.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _dot(a: Vec, b: Vec) -> torch.Tensor:
@@ -326,13 +390,19 @@ def _cg(
             break
         q = _matvec(bt, pl, *p)
         pq = _dot(p, q)
-        alpha = torch.where(active & (pq > 0), rz / torch.where(pq > 0, pq, torch.ones_like(pq)), torch.zeros_like(rz))
+        alpha = torch.where(
+            active & (pq > 0),
+            rz / torch.where(pq > 0, pq, torch.ones_like(pq)),
+            torch.zeros_like(rz),
+        )
         x = tuple(xi + alpha.view(-1, 1) * pi for xi, pi in zip(x, p))
         res = tuple(ri - alpha.view(-1, 1) * qi for ri, qi in zip(res, q))
         z = M.apply(*res)
         rz_new = _dot(res, z)
         active = active & (rz_new > stop) & (pq > 0)
-        beta = torch.where(active, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), torch.zeros_like(rz))
+        beta = torch.where(
+            active, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), torch.zeros_like(rz)
+        )
         p = tuple(zi + beta.view(-1, 1) * pi for zi, pi in zip(z, p))
         rz = rz_new
     return x, it + 1
@@ -359,8 +429,8 @@ def wellposed_solve(
     max_iter: int,
     tol: float,
     reservoir: float = 2.0,
-    max_cg: int = 50,
-    step_cap: float = 8.0,
+    max_cg: int = 4,
+    step_cap: float = 16.0,
 ) -> dict[str, torch.Tensor]:
     """Damped Newton of the module docstring on P positions with S slots each.
 
@@ -371,30 +441,109 @@ def wellposed_solve(
     """
     flushed = torch.set_flush_denormal(True)  # subnormal exp() results slow the CPU down a lot
     try:
-        return _newton(
-            la, lb, tail_a, tail_b, edges, dust_cost, reservoir_cost, epsilon, max_iter, tol,
-            reservoir, max_cg, step_cap,
-        )  # fmt: skip
+        with single_thread(la.device.type == "cpu"):  # small tensors, many ops: see threads.py
+            problem = _Problem(la, lb, tail_a, tail_b, edges, dust_cost, reservoir_cost)
+            return _newton(problem, epsilon, max_iter, tol, _Settings(reservoir, max_cg, step_cap))
     finally:
         if flushed:
             torch.set_flush_denormal(False)
 
 
+# Potentials in log units that a start can "see": exp(-x) of a route at most this far from the
+# start's level is far from underflow, so Newton and Sinkhorn get a gradient along it.
+_VISIBLE = 40.0
+_STAGE_FACTOR = 4.0
+# Levenberg-Marquardt damping of the Newton system, in mass units (masses sum to 1 per side)
+_DAMPING = 1e-10
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """The per-position inputs of ``wellposed_solve`` (see there)."""
+
+    la: torch.Tensor
+    lb: torch.Tensor
+    tail_a: torch.Tensor
+    tail_b: torch.Tensor
+    edges: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    dust_cost: torch.Tensor
+    reservoir_cost: float
+
+
+@dataclass(frozen=True)
+class _Settings:
+    reservoir: float
+    max_cg: int
+    step_cap: float
+
+
 def _newton(
-    la: torch.Tensor,
-    lb: torch.Tensor,
-    tail_a: torch.Tensor,
-    tail_b: torch.Tensor,
-    edges: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    dust_cost: torch.Tensor,
-    reservoir_cost: float,
+    pb: _Problem, epsilon: float, max_iter: int, tol: float, st: _Settings
+) -> dict[str, torch.Tensor]:
+    """eps-scaling around ``_stage``: when the dearest route (the reservoir, Lambda) is more than
+    4 * ``_VISIBLE`` log units away at the target eps, solve first at eps0 = Lambda / _VISIBLE and
+    divide eps by 4 per stage, each stage started from the previous potentials (f in cost units).
+
+    Without it, at eps = 1e-3 with L2 costs a route that must carry mass (an infeasible token
+    through the reservoir, a slot through the dust) starts at exp(-thousands) = 0 in float64:
+    neither Newton nor Sinkhorn gets any signal along it and the solve stalls. Intermediate stages
+    only need a rough answer (tolerance 1e-3, a bounded share of the Newton budget); iterations
+    of all stages are counted.
+    """
+    schedule = []
+    eps_s = pb.reservoir_cost / _VISIBLE
+    if eps_s > epsilon * _STAGE_FACTOR:
+        while eps_s > epsilon:
+            schedule.append(eps_s)
+            eps_s /= _STAGE_FACTOR
+    schedule.append(epsilon)
+    init = None
+    P = pb.la.shape[0]
+    iters = torch.zeros(P, dtype=torch.long, device=pb.la.device)
+    budget = max_iter
+    for n, eps_s in enumerate(schedule):
+        final = n == len(schedule) - 1
+        stage_iter = budget if final else max(1, min(budget - 1, max(8, max_iter // 4)))
+        out = _stage(pb, eps_s, stage_iter, tol if final else max(tol, 1e-3), st, init)
+        iters += out["iterations"]
+        budget -= int(out["iterations"].max()) if P else 0
+        if final or budget < 1:
+            break
+        # potentials in cost units carry over; the next stage's F = f / eps_next
+        scale = eps_s / schedule[n + 1]
+        init = tuple(out[k] * scale for k in ("F", "G", "FD", "GD", "FR", "GR"))
+    if not final:
+        # budget spent before the target eps: report the last stage's potentials in the target's
+        # units (F = f / eps), as not converged
+        for k in ("F", "G", "FD", "GD", "FR", "GR"):
+            out[k] = out[k] * (eps_s / epsilon)
+        out["converged"] = torch.zeros_like(out["converged"])
+    out["iterations"] = iters
+    return out
+
+
+def _stage(
+    pb: _Problem,
     epsilon: float,
     max_iter: int,
     tol: float,
-    reservoir: float,
-    max_cg: int,
-    step_cap: float,
+    st: _Settings,
+    init: tuple[torch.Tensor, ...] | None = None,
 ) -> dict[str, torch.Tensor]:
+    la, lb, tail_a, tail_b, edges, dust_cost = (
+        pb.la,
+        pb.lb,
+        pb.tail_a,
+        pb.tail_b,
+        pb.edges,
+        pb.dust_cost,
+    )
+    reservoir_cost, reservoir, max_cg, step_cap = (
+        pb.reservoir_cost,
+        st.reservoir,
+        st.max_cg,
+        st.step_cap,
+    )
     P = la.shape[0]
     dtype, device = la.dtype, la.device
     lam_r = reservoir_cost / epsilon
@@ -406,13 +555,25 @@ def _newton(
         la, lb, laD, lbD, dust_cost.to(dtype) / epsilon, (ep, ei, ej, cost.to(dtype) / epsilon),
         log_rho,
     )  # fmt: skip
-    # u (K v) = a with K ~ I is solved by f = eps/2 log a: a good start
-    F = la / 2
-    G = lb / 2
-    H = torch.stack([laD / 2, lbD / 2, torch.full_like(laD, log_rho / 2), torch.full_like(laD, log_rho / 2)], -1)
+    # u (K v) = a with K ~ I is solved by f = eps/2 log a: the start (a start that already routes
+    # each slot's excess through the dust was tried: no faster, and it overflows at eps = 1e-3)
+    if init is None:
+        F, G = la / 2, lb / 2
+        half = torch.full_like(laD, log_rho / 2)
+        H = torch.stack([laD / 2, lbD / 2, half, half], -1)
+    else:
+        F, G = init[0], init[1]
+        H = torch.stack(init[2:], -1)
+    # potentials move by up to ~Lambda/eps (infeasible mass), so the cap scales with it (the
+    # Armijo backtracking still guards every step)
+    cap = max(step_cap, lam_r / 4)
     out = {
-        "F": F.clone(), "G": G.clone(),
-        "FD": H[:, 0].clone(), "GD": H[:, 1].clone(), "FR": H[:, 2].clone(), "GR": H[:, 3].clone(),
+        "F": F.clone(),
+        "G": G.clone(),
+        "FD": H[:, 0].clone(),
+        "GD": H[:, 1].clone(),
+        "FR": H[:, 2].clone(),
+        "GR": H[:, 3].clone(),
     }
     iters = torch.zeros(P, dtype=torch.long, device=device)
     err_out = torch.full((P,), math.inf, dtype=dtype, device=device)
@@ -445,9 +606,34 @@ def _newton(
             pl["Pe"] = torch.exp(F.reshape(-1)[bt.fi] + G.reshape(-1)[bt.fj] - bt.ce)
             err = err[keep]
         iters[work] += 1
-        M = _Precond(bt, pl)
+        # A Sinkhorn sweep first (columns, then rows exact: G += log b - log(P^T 1), F += log a -
+        # log(P 1)). It keeps J's diagonal matched to the masses (without it whole-vocabulary
+        # problems stall on badly scaled directions) and makes the method at worst as fast as
+        # Sinkhorn when J is numerically singular (tiny eps, masses ~1e-100).
+        gfix = bt.actH & torch.tensor([False, True, False, True], device=device)
+        ffix = bt.actH & torch.tensor([True, False, True, False], device=device)
+        tiny = torch.finfo(dtype).tiny
+        G = torch.where(bt.actG, G + torch.log(bt.mG) - torch.log(pl["c"].clamp_min(tiny)), G)
+        H = torch.where(gfix, H + torch.log(bt.mH) - torch.log(pl["rh"].clamp_min(tiny)), H)
+        pl = _plan(bt, F, G, H, lam_r)
+        F = torch.where(bt.actF, F + torch.log(bt.mF) - torch.log(pl["r"].clamp_min(tiny)), F)
+        H = torch.where(ffix, H + torch.log(bt.mH) - torch.log(pl["rh"].clamp_min(tiny)), H)
+        pl = _plan(bt, F, G, H, lam_r)
+        phi = _objective(bt, F, G, H, pl)
+        gF = torch.where(bt.actF, bt.mF - pl["r"], torch.zeros_like(F))
+        gG = torch.where(bt.actG, bt.mG - pl["c"], torch.zeros_like(G))
+        gH = torch.where(bt.actH, bt.mH - pl["rh"], torch.zeros_like(H))
+        err = gF.abs().sum(1) + gG.abs().sum(1) + gH.abs().sum(1)
+        # Levenberg-Marquardt damping J + delta I: a variable whose mass (so curvature) is below
+        # delta moves by at most ~gradient/delta instead of an arbitrarily large Newton step (one
+        # such coordinate would otherwise dominate the capped step of its whole position)
+        pl_d = dict(pl, r=pl["r"] + _DAMPING, c=pl["c"] + _DAMPING, rh=pl["rh"] + _DAMPING)
+        M = _Precond(bt, pl_d)
         rel = torch.clamp(err.sqrt(), max=0.1)
-        (dF, dG, dH), ncg = _cg(bt, pl, (gF, gG, gH), M, max_cg, rel)
+        # a few CG steps suffice for most positions; the stragglers (graph-coupled, often
+        # infeasible) need more, and by then the working set is small, so the budget grows
+        budget = max_cg * (1 + k // 8)
+        (dF, dG, dH), ncg = _cg(bt, pl_d, (gF, gG, gH), M, budget, rel)
         cg_total += ncg
         # PCG leaves an arbitrary component along the null vector (1, -1) (the gauge): remove it
         # (keep f_R = g_R fixed) so that it neither inflates the step cap nor drifts the potentials
@@ -459,7 +645,7 @@ def _newton(
         dH = torch.where(bt.actH, dH, torch.zeros_like(dH))
         # cap the step: far from the solution the quadratic model is poor
         big = torch.stack([dF.abs().amax(1), dG.abs().amax(1), dH.abs().amax(1)], -1).amax(-1)
-        scale = torch.clamp(step_cap / big.clamp_min(1e-300), max=1.0)
+        scale = torch.clamp(cap / big.clamp_min(1e-300), max=1.0)
         dF, dG, dH = dF * scale[:, None], dG * scale[:, None], dH * scale[:, None]
         slope = _dot((gF, gG, gH), (dF, dG, dH))
         t = torch.ones_like(phi)
@@ -471,7 +657,11 @@ def _newton(
             cH = H + t[:, None] * dH
             cpl = _plan(bt, cF, cG, cH, lam_r)
             cphi = _objective(bt, cF, cG, cH, cpl)
-            ok = pending & torch.isfinite(cphi) & (cphi >= phi + 1e-4 * t * slope - 1e-12 * (1 + phi.abs()))
+            ok = (
+                pending
+                & torch.isfinite(cphi)
+                & (cphi >= phi + 1e-4 * t * slope - 1e-12 * (1 + phi.abs()))
+            )
             if _ls == 0:
                 nF, nG, nH, npl, nphi = cF, cG, cH, cpl, cphi
             else:
@@ -484,16 +674,17 @@ def _newton(
             if not bool(pending.any()):
                 break
             t = torch.where(pending, t / 2, t)
-        # positions whose line search failed keep the old point
+        # Where the line search failed (the Newton direction is useless, e.g. a nearly singular
+        # J at tiny eps), take another Sinkhorn half step on G instead: exact block ascent on Phi.
         if bool(pending.any()):
             sel = pending
+            sG = torch.where(bt.actG, G + torch.log(bt.mG) - torch.log(pl["c"].clamp_min(tiny)), G)
+            sH = torch.where(gfix, H + torch.log(bt.mH) - torch.log(pl["rh"].clamp_min(tiny)), H)
             nF = torch.where(sel[:, None], F, nF)
-            nG = torch.where(sel[:, None], G, nG)
-            nH = torch.where(sel[:, None], H, nH)
-            nphi = torch.where(sel, phi, nphi)
-            npl = _select(sel, pl, npl, bt.ep)
-        if _DEBUG:
-            print(k, "err", float(err.max()), "t", t.min().item(), "cg", ncg, "pend", int(pending.sum()))
+            nG = torch.where(sel[:, None], sG, nG)
+            nH = torch.where(sel[:, None], sH, nH)
+            npl = _plan(bt, nF, nG, nH, lam_r)
+            nphi = _objective(bt, nF, nG, nH, npl)
         F, G, H, pl, phi = nF, nG, nH, npl, nphi
     out.update(iterations=iters, marginal_error=err_out, converged=converged)
     out["cg_iterations"] = torch.tensor(cg_total)
