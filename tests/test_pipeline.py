@@ -98,3 +98,29 @@ def test_run_from_to_and_unknown_stage(tmp_path: Path) -> None:
     assert res.returncode == 0
     res = run_cli("run", "-m", str(tmp_path / "wprctl.toml"), "--from", "nope")
     assert res.returncode == 2 and "not in the manifest's stages" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "sample"),
+    [
+        ("tldr", "real_tldr_cnndm.jsonl"),
+        ("hh-rlhf", "real_hh_rlhf.jsonl"),
+        ("apps", "real_apps.jsonl"),
+    ],
+)
+def test_paper_pipelines_start_offline_on_local_data(
+    tmp_path: Path, pipeline: str, sample: str
+) -> None:
+    """The paper's pipelines, pointed at local rows in the hub's schema and the tiny model."""
+    repo = Path(__file__).resolve().parents[1]
+    res = run_cli(
+        "run", "-m", str(repo / "pipelines" / f"{pipeline}.toml"), "--to", "sft",
+        "--set", f"project.output_dir={tmp_path / 'runs'}", "--set", "model.base=tiny",
+        "--set", f"data.path={repo / 'tests' / 'fixtures' / 'data' / sample}",
+        "--set", "deepspeed.num_processes=1", "--set", "data.data_split=1,0,0",
+        "--set", "sft.max_steps=2", "--set", "sft.batch_size=1",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    state = json.loads((tmp_path / "runs" / "sft" / "state.json").read_text())
+    assert state["status"] == "finished" and state["metrics"]["steps"] == 2.0
+    assert (tmp_path / "runs" / "sft" / "model" / "config.json").exists()
