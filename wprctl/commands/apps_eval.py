@@ -11,6 +11,7 @@ import typer
 
 from wprctl.commands.options import DEFAULT_MANIFEST, ManifestOpt, SetOpt
 from wprctl.errors import UserError
+from wprctl.jsonl import read_jsonl
 
 
 def register(app: typer.Typer) -> None:
@@ -135,40 +136,28 @@ def _parse_k(text: str) -> list[int]:
 
 def read_generations(path: Path) -> list[dict[str, Any]]:
     """Rows `{id, response, sample}`; a row with a `responses` list becomes one row per entry."""
-    if not path.exists():
-        raise UserError(f"{path}: no such generations file")
     rows: list[dict[str, Any]] = []
     counters: dict[str, int] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read: {exc}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: line {n}: not valid JSON ({exc})") from None
-        if not isinstance(row, dict) or "id" not in row:
+    for n, row in read_jsonl(path):
+        if "id" not in row:
             raise UserError(
-                f"{path}: line {n}: expected an object with an `id` (the APPS problem_id)"
+                f"{path}, line {n}: expected an object with an `id` (the APPS problem_id)"
             )
         pid = str(row["id"])
         if "responses" in row:
             texts = row["responses"]
             if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-                raise UserError(f"{path}: line {n}: `responses` must be a list of strings")
+                raise UserError(f"{path}, line {n}: `responses` must be a list of strings")
         elif isinstance(row.get("response"), str):
             texts = [row["response"]]
         else:
-            raise UserError(f"{path}: line {n}: expected a string `response` or a list `responses`")
+            raise UserError(f"{path}, line {n}: expected a string `response` or a list `responses`")
         for text in texts:
             sample = row.get("sample") if "responses" not in row else None
             if sample is None:
                 sample = counters.get(pid, 0)
             if not isinstance(sample, int):
-                raise UserError(f"{path}: line {n}: `sample` must be an integer, got {sample!r}")
+                raise UserError(f"{path}, line {n}: `sample` must be an integer, got {sample!r}")
             counters[pid] = max(counters.get(pid, 0), sample + 1)
             base = {
                 key: v for key, v in row.items() if key not in ("responses", "response", "sample")

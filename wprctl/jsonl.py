@@ -1,0 +1,34 @@
+"""Reading JSONL that users hand us: every bad line is a UserError that names the file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from wprctl.errors import UserError
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line; any bad line is a UserError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: file not found (expected a JSONL file, one JSON object per line)")
+    rows: list[tuple[int, dict[str, Any]]] = []
+    try:
+        with p.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{p}, line {n}: not valid JSON ({exc.msg})") from None
+                if not isinstance(obj, dict):
+                    raise UserError(
+                        f"{p}, line {n}: expected a JSON object, got {type(obj).__name__}"
+                    )
+                rows.append((n, obj))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{p}: not UTF-8 text ({exc.reason})") from None
+    return rows
