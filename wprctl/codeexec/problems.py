@@ -66,14 +66,20 @@ class Problem:
         return p
 
 
+def _decoded(raw: Any) -> Any:
+    """A field that holds JSON text (the hub's form) or the value itself (local JSON files)."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+
+
 def _solutions(raw: Any) -> list[str]:
     if raw in (None, ""):
         return []
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"not valid JSON ({exc})") from None
+    raw = _decoded(raw)
     if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
         raise ValueError("expected a JSON list of program texts")
     return raw
@@ -83,11 +89,7 @@ def parse_input_output(raw: Any) -> tuple[list[Any], list[Any], str | None]:
     """`input_output` (JSON text or dict) -> (inputs, outputs, fn_name); ValueError if malformed."""
     if raw in (None, ""):
         raise ValueError("empty: the problem has no tests")
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"not valid JSON ({exc})") from None
+    raw = _decoded(raw)
     if not isinstance(raw, dict):
         raise ValueError(
             f"expected a JSON object with `inputs` and `outputs`, got {type(raw).__name__}"
