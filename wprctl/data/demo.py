@@ -51,10 +51,11 @@ What a tiny reward model can learn here
     Most preferences show without reading the post: a dropped fact leaves a neutral phrase
     ("someone", "my stuff"), rambles are long, repeats repeat. A wrong detail shows only
     against the post. A 2-layer reward model trained for minutes does not learn that matching
-    (its held-out accuracy levelled off at 0.74 when a third of the pairs hinged on it), so
-    wrong details are rare in the data: about 0.85 held-out accuracy is reachable. The gold
-    oracle still counts wrong details, so PPO against this reward model can raise the reward
-    while the gold score falls: the over-optimization a regularizer is there to limit.
+    (with P_SWAP 0.35 its held-out accuracy levelled off at 0.74, where a scorer that never
+    reads the post reaches 0.76), so wrong details are rare in the data and about 0.85
+    held-out accuracy is reachable. The gold oracle still counts wrong details, so a policy
+    that over-optimizes this reward model by inventing details loses gold score: the
+    over-optimization a regularizer is there to limit.
 """
 
 from __future__ import annotations
