@@ -54,6 +54,7 @@ def main() -> None:
 
     template = load_template("summarize")
     settings = RunSettings(
+        endpoint="local-judge-benchmark",
         model="local-judge",
         temperature=0.0,
         orders="both",

@@ -228,6 +228,25 @@ def test_failed_pairs_are_not_cached_and_rerun_retries_only_them(tmp_path, serve
     assert json.loads(summary_path(out).read_text())["complete"] is True
 
 
+def test_cache_is_per_endpoint(tmp_path, server, capsys) -> None:
+    """Two servers can answer to the same model name: a cached verdict of one is not the other's."""
+    a, b = write_files(tmp_path, 3)
+    server.responder = policy({})
+    code, text = run(judge_args(a, b, tmp_path / "one.jsonl", server.base_url), capsys)
+    assert code == 0, text
+    assert server.requests == 6
+    with JudgeServer(policy({i: "b_wins" for i in range(3)})) as other:
+        code, text = run(judge_args(a, b, tmp_path / "two.jsonl", other), capsys)
+        assert code == 0, text
+    # the second endpoint was asked for everything, and its answers (B) are the ones reported
+    assert all(r["winner"] == "B" for r in read_out(tmp_path / "two.jsonl").values())
+    server.reset_counts()
+    code, text = run(judge_args(a, b, tmp_path / "three.jsonl", server.base_url), capsys)
+    assert code == 0, text
+    assert server.requests == 0  # the first endpoint's replies are still cached
+    assert all(r["winner"] == "A" for r in read_out(tmp_path / "three.jsonl").values())
+
+
 def test_killed_run_then_rerun_repeats_no_finished_judgement(tmp_path) -> None:
     n = 16
     a, b = write_files(tmp_path, n)
@@ -250,6 +269,7 @@ def test_killed_run_then_rerun_repeats_no_finished_judgement(tmp_path) -> None:
 
         template = load_template("summarize")
         settings = RunSettings(
+            endpoint=url,
             model=MODEL,
             temperature=0.0,
             orders="both",

@@ -215,6 +215,7 @@ def register(app: typer.Typer) -> None:
         for note in notes:
             err_console.print(f"[yellow]note:[/] {note}")
         settings = RunSettings(
+            endpoint=cfg.base_url or "",
             model=cfg.model,
             temperature=cfg.temperature,
             orders=cfg.orders,

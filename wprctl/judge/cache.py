@@ -1,6 +1,7 @@
 """The on-disk judgement cache: one SQLite row per successful judge reply.
 
-Keyed by what determines the reply: model, temperature, template (by content), the prompt and the
+Keyed by what determines the reply: the endpoint (the configured base URL: two servers may
+answer to the same model name differently), model, temperature, template (by content), the prompt and the
 two responses *as shown* (first, second), so the order is part of the key and a pair judged with
 the files swapped reuses the same entries. Only successful replies are stored (an unparseable or
 refused reply is still a reply; an API error is not), so a rerun retries exactly the failures.
@@ -16,14 +17,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the endpoint is part of the key
 
 
 def cache_key(
-    *, model: str, temperature: float, template: str, prompt: str, first: str, second: str
+    *,
+    endpoint: str,
+    model: str,
+    temperature: float,
+    template: str,
+    prompt: str,
+    first: str,
+    second: str,
 ) -> str:
     blob = json.dumps(
-        [SCHEMA_VERSION, model, float(temperature), template, prompt, first, second],
+        [SCHEMA_VERSION, endpoint, model, float(temperature), template, prompt, first, second],
         ensure_ascii=False,
     )
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()

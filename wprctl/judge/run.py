@@ -38,6 +38,9 @@ def summary_path(out: str | Path) -> Path:
 
 @dataclass(frozen=True)
 class RunSettings:
+    # the configured base URL ("" = the client's default, api.openai.com); for the demo's
+    # built-in oracle its placeholder, not the port it happens to be served on
+    endpoint: str
     model: str
     temperature: float
     orders: str  # "both" | "random"
@@ -84,6 +87,7 @@ def plan(pairs: list[Pair], template: JudgeTemplate, s: RunSettings) -> list[Pai
             )
             messages = template.render(pair.prompt, first, second)
             key = cache_key(
+                endpoint=s.endpoint,
                 model=s.model,
                 temperature=s.temperature,
                 template=template.fingerprint,
