@@ -14,17 +14,12 @@ from wprctl.runs import read_lineage, run_dir
 TEMPLATES = ("demo", "tldr", "hh-rlhf", "apps")
 
 
-def repo_root() -> Path:
-    return Path(wprctl.__file__).resolve().parents[1]
-
-
 def pipelines_dir() -> Path:
-    path = repo_root() / "pipelines"
+    """The ready manifests. ``wprctl/assets/pipelines`` links to the source tree's ``pipelines/``,
+    and a built wheel holds a copy, so a plain ``pip install`` finds them too."""
+    path = Path(wprctl.__file__).resolve().parent / "assets" / "pipelines"
     if not path.is_dir():
-        raise UserError(
-            f"{path}: the ready manifests are missing; install wprctl from its source tree "
-            "(`pip install -e .`) so `pipelines/` and `templates/` are available"
-        )
+        raise UserError(f"{path}: the ready manifests are missing from this wprctl installation")
     return path
 
 

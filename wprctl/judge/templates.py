@@ -30,7 +30,8 @@ AnswerKind = Literal["letter", "json"]
 
 
 def builtin_dir() -> Path:
-    return Path(wprctl.__file__).resolve().parents[1] / "templates" / "judge"
+    # a link to the source tree's templates/judge (a copy in a built wheel)
+    return Path(wprctl.__file__).resolve().parent / "assets" / "templates" / "judge"
 
 
 def builtin_names() -> list[str]:
