@@ -19,9 +19,10 @@ import hashlib
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -121,6 +122,9 @@ class CostGraph:
     # underflow fractions already computed, by (epsilon, dtype): every solver call checks it,
     # and recomputing exp over all V * k1 edges cost more than a whole small solve
     _underflow: dict = field(default_factory=dict, repr=False, compare=False)
+    # solver-specific tensors derived from the graph (e.g. a per-epsilon float32 kernel), see
+    # ``derived``; bounded so that sweeping epsilon does not accumulate copies
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ construction
 
@@ -285,6 +289,18 @@ class CostGraph:
                 "costs": self.costs.to(dev),
             }
         return self._device_cache[key]
+
+    def derived(self, key: tuple, build: Callable[[], Any], keep: int = 8) -> Any:
+        """``build()`` computed once per ``key`` and kept with the graph (the last ``keep`` keys).
+
+        For tensors a solver would otherwise recompute from the graph on every call, such as the
+        float32 kernel exp(-C/eps) of one epsilon on one device.
+        """
+        if key not in self._derived:
+            while len(self._derived) >= keep:
+                self._derived.pop(next(iter(self._derived)))
+            self._derived[key] = build()
+        return self._derived[key]
 
 
 def check_epsilon(epsilon: float) -> None:
