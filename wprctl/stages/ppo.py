@@ -17,6 +17,40 @@ One step:
    loss, for `ppo_epochs` passes over mini-batches.
 
 The regularizer is a plug-in (`wprctl.regularizers`); this file does not know which one runs.
+
+Overlap. The regularizer's term (top-k compression, `reward_penalty`, `divergence`) needs only the
+actor's and the reference's logits and log-probs; the critic's values and the reward model's score
+do not depend on it. So each experience batch hands the regularizer to a single worker thread owned
+by the stage (`_RegularizerWorker`) and computes values and score on the main thread meanwhile,
+then joins. The result is bit-identical to running them one after the other:
+
+* the worker runs with one intra-op thread. compress_topk and the solvers give the same bits with
+  one thread as with several (checked on the demo's sizes and larger ones; on CPU the solvers drop
+  to one thread themselves, `wprctl.ot.threads`), and under PyTorch's OpenMP backend
+  `torch.set_num_threads` sets the calling thread's OpenMP and MKL counts only (plus the default of
+  threads started later, which `_RegularizerWorker` puts back), so the main thread keeps its count
+  and its results (`tests/test_ppo_overlap.py`). One thread is a speed decision: a second thread
+  that runs a multi-threaded OpenMP region gets its own libgomp thread pool, and once pool threads
+  outnumber the cores libgomp cuts its spin-waiting short, so every one of the main thread's many
+  small parallel ops (generation, forward, training) sleeps and wakes its threads: measured 1.6-2x
+  slower on 2 cores. On a many-core CPU the regularizer thus gives up its intra-op parallelism;
+* grad mode is per thread: the worker runs under `torch.no_grad()` like `experience`;
+* on CUDA the worker first selects this process's device; both threads issue to the device's
+  default stream, so the worker's kernels are ordered after the forward passes that produced its
+  inputs, and the main thread's use of its outputs after them: the same overlap is correct there;
+* an exception raised by the regularizer is re-raised by the main thread at the join (a
+  `UserError` still ends the command with exit status 2); one raised by the main thread's work
+  first waits for the worker, so no regularizer call outlives the batch.
+
+A regularizer therefore must not use collective communication or the global RNG in
+`reward_penalty`/`divergence` (none does): those run concurrently with the main thread's.
+
+Timers (logged as `train/time/...`, seconds per step, summed over generation batches):
+`generation`, `forward` (actor + reference log-probs), `reward` (values and score, overlapped
+with the regularizer), `regularizer` (how long the main thread then waits for the regularizer:
+its cost to the step beyond the overlapped work), `regularizer_solve` (the regularizer's own wall
+time on the worker; it overlaps `reward`, so it is not part of the step) and `training`. The
+step's wall time is the sum of all but `regularizer_solve`.
 """
 
 from __future__ import annotations
@@ -25,6 +59,8 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +70,7 @@ from wprctl import engine as eng
 from wprctl.console import console, is_main_process, make_progress
 from wprctl.manifest import Manifest
 from wprctl.models import load_causal_lm, load_reward_model
-from wprctl.regularizers import BetaController, RegBatch, build_regularizer
+from wprctl.regularizers import BetaController, RegBatch, Regularizer, build_regularizer
 from wprctl.rl.online import (
     build_reward_fn,
     close_reward_fn,
@@ -85,6 +121,86 @@ class Experience:
 
     def reg_batch(self) -> RegBatch:
         return RegBatch(self.responses, self.mask, self.old_logprobs, self.ref_logprobs)
+
+
+@dataclass
+class RegOutput:
+    """What the regularizer contributes to one experience batch, and its wall time on the worker."""
+
+    penalty: torch.Tensor | None  # (B, T) per-token penalty, or None
+    divergence: torch.Tensor  # (B,)
+    seconds: float
+
+
+class _RegularizerWorker:
+    """The thread that runs the regularizer of each experience batch (see the module docstring).
+
+    ``submit`` takes the (B, T, V) logits in a list that the worker empties as soon as it has taken
+    them, so that they are freed after the top-k compression as in a sequential run, not when the
+    whole job ends.
+    """
+
+    def __init__(self, reg: Regularizer, device: torch.device) -> None:
+        self.reg = reg
+        threads = torch.get_num_threads()  # (also initializes this thread's count, see below)
+        self._pool = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="wprctl-regularizer",
+            initializer=_init_worker_thread,
+            initargs=(device,),
+        )
+        self._pool.submit(lambda: None).result()  # start the thread: run the initializer now
+        # torch.set_num_threads(1) on the worker also set the process-wide default that threads
+        # started later begin with; put the main thread's count back there.
+        torch.set_num_threads(threads)
+
+    def submit(
+        self,
+        logits: list[torch.Tensor],
+        responses: torch.Tensor,
+        mask: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor,
+    ) -> Future[RegOutput]:
+        return self._pool.submit(self._run, logits, responses, mask, old_logprobs, ref_logprobs)
+
+    @torch.no_grad()
+    def _run(
+        self,
+        logits: list[torch.Tensor],
+        responses: torch.Tensor,
+        mask: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor,
+    ) -> RegOutput:
+        t0 = time.time()
+        actor_logits, ref_logits = logits
+        logits.clear()
+        topk = None
+        if self.reg.topk:
+            from wprctl.ot import compress_topk
+
+            topk = compress_topk(
+                actor_logits, ref_logits, responses, self.reg.topk, mask=mask.bool()
+            )
+        del actor_logits, ref_logits  # only the compressed form outlives this point
+        reg_batch = RegBatch(responses, mask, old_logprobs, ref_logprobs, topk)
+        penalty = self.reg.reward_penalty(reg_batch)
+        divergence = self.reg.divergence(reg_batch)
+        return RegOutput(penalty, divergence, time.time() - t0)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _init_worker_thread(device: torch.device) -> None:
+    # One intra-op thread, so the worker never leads an OpenMP team of its own (module docstring).
+    # get_num_threads first: a thread's first query initializes its count from the process-wide
+    # value, which would undo a set_num_threads made before it.
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 class PPORecipe:
@@ -153,6 +269,7 @@ class PPORecipe:
             pad_id=self.pad_id,
             eos_id=self.eos_id,
         )
+        self.reg_worker = _RegularizerWorker(self.reg, eng.device())
         self.beta = BetaController(cfg.regularizer)
         self.sampling = SamplingConfig.from_section(cfg)
         self.step = 0
@@ -210,27 +327,28 @@ class PPORecipe:
         ref_logits = response_logits(self.ref, seq, attn, P)
         ref_logprobs = token_logprobs(ref_logits, responses)
         timers["time/forward"] += time.time() - t0
+        # The regularizer runs on the worker while this thread computes values and the score,
+        # which do not depend on it (module docstring, "Overlap").
+        job = self.reg_worker.submit(
+            [actor_logits, ref_logits], responses, mask, old_logprobs, ref_logprobs
+        )
+        del actor_logits, ref_logits  # the worker drops them after the top-k compression
+        try:
+            t0 = time.time()
+            values = token_values(self.critic, seq, attn, P) * mask
+            prompts_text = decode(self.tokenizer, prompt_ids, prompt_mask)
+            responses_text = decode(self.tokenizer, responses, mask)
+            score = self.reward_fn(seq, attn, prompts_text, responses_text, examples)
+            score = score.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
+            timers["time/reward"] += time.time() - t0
+        except BaseException:
+            wait_futures([job])  # the regularizer's own outcome is moot now
+            raise
         t0 = time.time()
-        topk = None
-        if self.reg.topk:
-            from wprctl.ot import compress_topk
-
-            topk = compress_topk(
-                actor_logits, ref_logits, responses, self.reg.topk, mask=mask.bool()
-            )
-        del actor_logits, ref_logits  # only the compressed form outlives this point
-        reg_batch = RegBatch(responses, mask, old_logprobs, ref_logprobs, topk)
-        penalty = self.reg.reward_penalty(reg_batch)
-        divergence = self.reg.divergence(reg_batch)
+        reg_out = job.result()  # re-raises the regularizer's exception, if any
         timers["time/regularizer"] += time.time() - t0
-
-        t0 = time.time()
-        values = token_values(self.critic, seq, attn, P) * mask
-        prompts_text = decode(self.tokenizer, prompt_ids, prompt_mask)
-        responses_text = decode(self.tokenizer, responses, mask)
-        score = self.reward_fn(seq, attn, prompts_text, responses_text, examples)
-        score = score.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
-        timers["time/reward"] += time.time() - t0
+        timers["time/regularizer_solve"] += reg_out.seconds
+        penalty, divergence = reg_out.penalty, reg_out.divergence
 
         rewards = torch.zeros_like(old_logprobs)
         if penalty is not None:
@@ -332,6 +450,7 @@ class PPORecipe:
                     "time/generation": 0.0,
                     "time/forward": 0.0,
                     "time/regularizer": 0.0,
+                    "time/regularizer_solve": 0.0,
                     "time/reward": 0.0,
                     "time/training": 0.0,
                 }
@@ -393,6 +512,9 @@ class PPORecipe:
         return metrics
 
     def close(self) -> None:
+        worker = getattr(self, "reg_worker", None)
+        if worker is not None:
+            worker.close()
         close_reward_fn(getattr(self, "reward_fn", None))
 
 
