@@ -12,8 +12,7 @@ import torch
 
 import wprctl.ot.paper as paper
 from wprctl.ot import CostGraph, compress_topk, wpr_potentials, wpr_potentials_topk
-from wprctl.ot.paper import paper_support
-from wprctl.ot.sinkhorn import WPRResult, _paper_core
+from wprctl.ot.sinkhorn import WPRResult, _paper_topk
 
 
 def problem(V: int, B: int, T: int, seed: int, scale: float = 0.3):
@@ -61,20 +60,9 @@ def dense_topk_reference(
     pair, graph, pad_id: int, eos_id: int, epsilon, max_iter, tol, gauge, return_value
 ) -> WPRResult:
     """The top-k ``paper`` problem on the batch-wide support (zero mass off a position's own)."""
-    mask = pair.mask
-    ids, valid = pair.indices[mask], pair.valid[mask]
-    support = paper_support(ids[valid], pair.actions[mask], pad_id, eos_id)
-    P, Ns = ids.shape[0], support.numel()
-    a_sub = torch.zeros(P, Ns)
-    b_sub = torch.zeros(P, Ns)
-    rows = torch.searchsorted(support, ids).clamp_max(Ns - 1)
-    ok = valid & (support[rows] == ids)
-    pos = torch.arange(P).unsqueeze(1).expand_as(ids)
-    a_sub[pos[ok], rows[ok]] = pair.logp[mask][ok].exp()
-    b_sub[pos[ok], rows[ok]] = pair.logq[mask][ok].exp()
-    return _paper_core(
-        support, a_sub, b_sub, pair.actions[mask], graph, mask, epsilon, max_iter, tol, gauge,
-        return_value,
+    return _paper_topk(
+        pair, graph, epsilon, max_iter, tol, gauge, pad_id, eos_id, return_value,
+        per_position=False,
     )  # fmt: skip
 
 

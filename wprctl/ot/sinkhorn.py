@@ -81,10 +81,6 @@ def _times(mass: torch.Tensor, pot: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, mass * pot, torch.zeros_like(pot))
 
 
-def _xlogx(x: torch.Tensor) -> torch.Tensor:
-    return torch.special.xlogy(x, x)
-
-
 def _xlogy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x log y with 0 log y = 0."""
     return torch.where(x > 0, x * torch.log(y), torch.zeros_like(x))
@@ -146,6 +142,12 @@ def _paper_core(
     out = paper_sinkhorn(
         K, a, b, col, epsilon, max_iter, tol, centered=gauge == "centered", value=return_value
     )
+    return _paper_finish(mask, out, gauge, return_value, Ns)
+
+
+def _paper_finish(
+    mask: torch.Tensor, out: dict[str, torch.Tensor], gauge: str, return_value: bool, Ns: int
+) -> WPRResult:
     phi = out["f_action"]
     if gauge == "centered":
         phi = phi - out["f_mean"]
@@ -210,18 +212,21 @@ def _paper_topk(
     pad_id: int,
     eos_id: int,
     return_value: bool,
+    per_position: bool | None = None,
 ) -> WPRResult:
+    """``per_position``: solve one small problem per position (None: when it is less work)."""
     mask = pair.mask
     ids, valid = pair.indices[mask], pair.valid[mask]
     support = paper_support(ids[valid], pair.actions[mask], pad_id, eos_id)
     P, Ns = ids.shape[0], support.numel()
-    S = ids.shape[1]
     # A token of the batch-wide support outside this position's own top-k has mass 0 here (the
     # full-logit path uses its true, small mass): the one documented difference of this path.
     # Its u and v are then exactly 0 after the first iteration, and each position's problem
     # reduces to its own <= 2k + 1 tokens (see ``local_problems``): far less work than the
     # batch-wide support once the batch has more than a few positions.
-    if P > 1 and Ns >= 2 * S:
+    if per_position is None:
+        per_position = P > 1 and Ns >= 2 * ids.shape[1]
+    if per_position:
         return _paper_local(pair, support, graph, epsilon, max_iter, tol, gauge, return_value)
     a_sub = torch.zeros(P, Ns, dtype=torch.float32, device=ids.device)
     b_sub = torch.zeros_like(a_sub)
@@ -273,11 +278,7 @@ def _paper_local(
     out = paper_sinkhorn_local(
         lp, a, b, rows, epsilon, max_iter, tol, centered=gauge == "centered", value=return_value
     )
-    phi = out["f_action"]
-    if gauge == "centered":
-        phi = phi - out["f_mean"]
-    value = out["value"] if return_value else None
-    return _finish(mask, phi, value, out, out["infeasible"], Ns + 1, "paper")
+    return _paper_finish(mask, out, gauge, return_value, Ns)
 
 
 # ------------------------------------------------------------------------------------ wellposed
