@@ -1,15 +1,21 @@
 """Per-step time of PPO with `kl` and with `wpr` (both methods) on the demo config.
 
-    python -m benchmarks.ppo_step [--steps 24] [--repeats 3] [--kl-ctl 0] [--project DIR]
+    python -m benchmarks.ppo_step [--steps 24] [--repeats 3] [--kl-ctl 0] [--project DIR] [--brief]
 
-Trains SFT and RM briefly (or reuses --project's), then runs PPO with each regularizer, `--repeats`
-times, the variants interleaved (in a rotated order each round). For each run it takes the median
-per-step time of each phase (the first step excluded) and of the whole step (the sum of the
+Trains SFT and RM as the demo does (about 5 minutes; or reuses --project's, e.g. the `wprctl-demo`
+folder `wprctl quickstart` leaves), then runs PPO with each regularizer, `--repeats` times, the
+variants interleaved (in a rotated order each round). For each run it takes the median per-step
+time of each phase (the first step excluded) and of the whole step (the sum of the
 phases); a variant's figures are those of its fastest run, and the WPR/KL ratio compares those.
 The fastest run, because on a shared machine other processes only ever add time, and they add it
 in spells that can slow a whole run many times over (2 intra-op threads spin-waiting on 2 busy
 cores): the step time of every run is printed, to show the spread. Target: <= 1.05x (the paper
 reports +2.5% on a GPU).
+
+Trained models, because the solver's cost depends on the distributions: after the demo's SFT the
+next-token distributions are peaked and the `wellposed` solve takes 10-11 mean Newton steps per
+position (0.66 s per step); after a 30-step SFT (`--brief`, the old default) they are nearly
+uniform, it takes 3-4 (0.15 s), and the WPR/KL ratio looks 3x better than it is.
 
 Same work. Every variant runs with beta (`ppo.regularizer.kl_ctl`) = `--kl-ctl`, 0 by default:
 the regularizer is computed in full but does not steer the policy, so all variants sample the same
@@ -47,14 +53,16 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs of each variant, interleaved")
     p.add_argument("--kl-ctl", type=float, default=0.0, help="beta of every variant (see above)")
     p.add_argument("--project", type=Path, default=None)
+    p.add_argument("--brief", action="store_true", help="SFT 30 steps, RM 20 (see above)")
     args = p.parse_args()
     if args.steps < 2 or args.repeats < 1:
         p.error("--steps must be >= 2 and --repeats >= 1")
     manifest = demo_project(args.project)
     runs = manifest.parent / "runs"
     if not (runs / "rm" / "model").exists():
-        wprctl("sft", "-m", str(manifest), "--set", "sft.max_steps=30")
-        wprctl("rm", "-m", str(manifest), "--set", "rm.max_steps=20")
+        brief = {"sft": ["--set", "sft.max_steps=30"], "rm": ["--set", "rm.max_steps=20"]}
+        for stage in ("sft", "rm"):
+            wprctl(stage, "-m", str(manifest), *(brief[stage] if args.brief else []))
     names = list(VARIANTS)
     runs_of: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for r in range(args.repeats):

@@ -206,7 +206,7 @@ def compress_topk(
         flat_idx[lo:hi] = ids
     valid = torch.ones(B, T, S, dtype=torch.bool, device=device)
     valid[..., 1:] = idx[..., 1:] != idx[..., :-1]
-    action_slot = torch.searchsorted(idx, actions.unsqueeze(-1)).squeeze(-1)
+    action_slot = torch.searchsorted(idx, actions.unsqueeze(-1).contiguous()).squeeze(-1)
     tail_p, tail_q = _tail(logp, valid), _tail(logq, valid)
     tails = _tail_sums(sums.view(2, B, T), logp, logq, valid, tail_p, tail_q, full)
     return TopKPair(
