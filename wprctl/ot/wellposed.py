@@ -365,9 +365,9 @@ class _Precond:
         Schur = torch.where(both, Schur, eye * 1.0)
         Schur = Schur + ridge * torch.diag_embed(Schur.diagonal(dim1=1, dim2=2).abs())
         # a singular hub block (hub couplings underflowed) drops the hub correction
-        self.Hinv = torch.nan_to_num(
-            torch.linalg.inv_ex(Schur).inverse, nan=0.0, posinf=0.0, neginf=0.0
-        )
+        Hinv, info = torch.linalg.inv_ex(Schur)
+        Hinv = torch.where((info == 0).view(-1, 1, 1), Hinv, torch.zeros_like(Hinv))
+        self.Hinv = torch.nan_to_num(Hinv, nan=0.0, posinf=0.0, neginf=0.0)
         self.actF, self.actG, self.actH = bt.actF, bt.actG, act
 
     def apply(self, qF: torch.Tensor, qG: torch.Tensor, qH: torch.Tensor) -> Vec:
