@@ -83,7 +83,7 @@ def test_overlapped_regularizer_is_bit_identical_to_sequential(case: str, two_th
     worker = _RegularizerWorker(CASES[case]()[0], CPU)
     try:
         logits = [pol.clone(), ref.clone()]
-        job = worker.submit(logits, actions, mask, lp, lq)
+        job = worker.submit(logits, RegBatch(actions, mask, lp, lq))
         x = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
         for _ in range(20):
             x = torch.tanh(x @ x.T / 512)
@@ -117,7 +117,7 @@ class _Probe(Regularizer):
 def _submit(worker: _RegularizerWorker, B: int = 2, T: int = 3):
     mask = torch.ones(B, T)
     logits = [torch.zeros(B, T, 5), torch.zeros(B, T, 5)]
-    return worker.submit(logits, torch.zeros(B, T, dtype=torch.long), mask, mask, mask)
+    return worker.submit(logits, RegBatch(torch.zeros(B, T, dtype=torch.long), mask, mask, mask))
 
 
 def test_worker_runs_one_thread_and_leaves_the_main_threads_count(two_threads) -> None:

@@ -61,7 +61,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -154,39 +154,25 @@ class _RegularizerWorker:
         # started later begin with; put the main thread's count back there.
         torch.set_num_threads(threads)
 
-    def submit(
-        self,
-        logits: list[torch.Tensor],
-        responses: torch.Tensor,
-        mask: torch.Tensor,
-        old_logprobs: torch.Tensor,
-        ref_logprobs: torch.Tensor,
-    ) -> Future[RegOutput]:
-        return self._pool.submit(self._run, logits, responses, mask, old_logprobs, ref_logprobs)
+    def submit(self, logits: list[torch.Tensor], batch: RegBatch) -> Future[RegOutput]:
+        """``batch`` without ``topk``: the worker compresses ``logits`` into it when asked."""
+        return self._pool.submit(self._run, logits, batch)
 
     @torch.no_grad()
-    def _run(
-        self,
-        logits: list[torch.Tensor],
-        responses: torch.Tensor,
-        mask: torch.Tensor,
-        old_logprobs: torch.Tensor,
-        ref_logprobs: torch.Tensor,
-    ) -> RegOutput:
+    def _run(self, logits: list[torch.Tensor], batch: RegBatch) -> RegOutput:
         t0 = time.time()
         actor_logits, ref_logits = logits
         logits.clear()
-        topk = None
         if self.reg.topk:
             from wprctl.ot import compress_topk
 
             topk = compress_topk(
-                actor_logits, ref_logits, responses, self.reg.topk, mask=mask.bool()
+                actor_logits, ref_logits, batch.actions, self.reg.topk, mask=batch.mask.bool()
             )
+            batch = replace(batch, topk=topk)
         del actor_logits, ref_logits  # only the compressed form outlives this point
-        reg_batch = RegBatch(responses, mask, old_logprobs, ref_logprobs, topk)
-        penalty = self.reg.reward_penalty(reg_batch)
-        divergence = self.reg.divergence(reg_batch)
+        penalty = self.reg.reward_penalty(batch)
+        divergence = self.reg.divergence(batch)
         return RegOutput(penalty, divergence, time.time() - t0)
 
     def close(self) -> None:
@@ -330,7 +316,7 @@ class PPORecipe:
         # The regularizer runs on the worker while this thread computes values and the score,
         # which do not depend on it (module docstring, "Overlap").
         job = self.reg_worker.submit(
-            [actor_logits, ref_logits], responses, mask, old_logprobs, ref_logprobs
+            [actor_logits, ref_logits], RegBatch(responses, mask, old_logprobs, ref_logprobs)
         )
         del actor_logits, ref_logits  # the worker drops them after the top-k compression
         try:
