@@ -11,9 +11,11 @@ What is measured (printed with every figure):
   CPU; ``paper`` at 10 iterations. Embeddings N(0, 1/d); epsilon = median kNN cost / 10 (a live
   kernel); logits N(0, 1) * 4 (policy), reference = policy + N(0, 0.5). The ``paper`` timing
   (full logits) includes the batch support, the kernel and the softmax gathers; ``wellposed``
-  and ``paper`` on the TopKPair (PPO's path) include ``compress_topk``; the one-time per-graph
-  caches (float32 kernel on the kNN lists, mutual-kNN flags) are built before the TopKPair
-  timing, as PPO builds them once.
+  and ``paper`` on the TopKPair (PPO's path) include ``compress_topk`` and are the best of 3
+  calls; the one-time per-graph caches (float32 kernel on the kNN lists, mutual-kNN flags,
+  int32 kNN lists) and the loading of the compiled ``wellposed`` solver (numba's on-disk cache;
+  the first compile takes ~25 s) happen in a warm-up call before the timing, as PPO pays them
+  once per run. ``wellposed`` runs its compiled CPU solver on the caller's 2 intra-op threads.
 * the official ``sparse_sinkhorn_sequence_topk`` (``official_reimpl``: a line-by-line copy of
   the public code's cost: two full (B, T, V) softmax tensors, the kernel restricted to the
   support by a pass over all V * k1 entries of the full COO kernel, COO sparse.mm on transposed
@@ -49,7 +51,14 @@ from pathlib import Path
 import psutil
 import torch
 
-from wprctl.ot import CostGraph, WPRResult, compress_topk, wpr_potentials, wpr_potentials_topk
+from wprctl.ot import (
+    CostGraph,
+    TopKPair,
+    WPRResult,
+    compress_topk,
+    wpr_potentials,
+    wpr_potentials_topk,
+)
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "wpr"
 warnings.filterwarnings("ignore")
@@ -182,11 +191,16 @@ def bench_speed(
     # PPO computes the kernel underflow fraction once, at setup; the solvers then reuse it
     graph.underflow_fraction(eps)
     if "wellposed" in methods:
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
+        # a first call on 16 positions loads the compiled solver (PPO pays it once per run)
+        warm = compress_topk(logits[:1, :16], ref[:1, :16], actions[:1, :16], k2)
+        wpr_potentials_topk(warm, graph, epsilon=eps, max_iter=well_iter, tol=1e-6)
+
+        def wellposed() -> tuple[TopKPair, WPRResult]:
             pair = compress_topk(logits, ref, actions, k2)
-            res = wpr_potentials_topk(pair, graph, epsilon=eps, max_iter=well_iter, tol=1e-6)
-            dt = time.perf_counter() - t0
+            return pair, wpr_potentials_topk(pair, graph, epsilon=eps, max_iter=well_iter, tol=1e-6)
+
+        with PeakRSS() as mem:
+            dt, (pair, res) = best_time(wellposed, 3)
         out["wellposed"] = (
             n_tok / dt,
             mem.mb,
@@ -207,13 +221,15 @@ def bench_speed(
         # call on 16 positions builds the one-time per-graph caches (PPO pays them once per run)
         warm = compress_topk(logits[:1, :16], ref[:1, :16], actions[:1, :16], k2)
         wpr_potentials_topk(warm, graph, epsilon=eps, max_iter=10, tol=1e-6, method="paper")
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
+
+        def paper_topk() -> WPRResult:
             pair = compress_topk(logits, ref, actions, k2)
-            res = wpr_potentials_topk(
+            return wpr_potentials_topk(
                 pair, graph, epsilon=eps, max_iter=10, tol=1e-6, method="paper"
             )
-            dt = time.perf_counter() - t0
+
+        with PeakRSS() as mem:
+            dt, res = best_time(paper_topk, 3)
         out["paper_topk"] = (n_tok / dt, mem.mb, res.converged_fraction, res.support_size)
     if official_T > 0 and "official" in methods:
         K = full_kernel(graph, eps)

@@ -211,7 +211,8 @@ def test_compressed_tail_sums_match_the_full_distributions() -> None:
     torch.testing.assert_close(full.tail_plogp, rest, rtol=0, atol=0)
 
 
-def test_support_edges_are_the_symmetric_graph() -> None:
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+def test_support_edges_are_the_symmetric_graph(backend: str) -> None:
     emb, logits, ref, actions = random_problem(V=60)
     graph = CostGraph.from_embeddings(emb, k=5)
     pair = compress_topk(logits, ref, actions, 10)
@@ -219,7 +220,7 @@ def test_support_edges_are_the_symmetric_graph() -> None:
         pair.indices.reshape(-1, pair.indices.shape[-1]),
         pair.valid.reshape(-1, pair.indices.shape[-1]),
     )
-    ep, ei, ej, ec = support_edges(graph, ids, valid)
+    ep, ei, ej, ec = support_edges(graph, ids, valid, backend)
     dense = torch.full((60, 60), float("inf"), dtype=torch.float64)
     rows = torch.repeat_interleave(torch.arange(60), graph.indptr[1:] - graph.indptr[:-1])
     dense[rows, graph.indices] = graph.costs

@@ -296,6 +296,7 @@ def _wellposed(
     reservoir: float,
     reservoir_scale: float,
     reservoir_margin: float = 10.0,
+    backend: str = "auto",
 ) -> WPRResult:
     # float64: in float32 the Newton solve does not reach tol = 1e-6 (0.89 of the positions at
     # V = 32k, 5x the steps) and its potentials are 0.57 std off the float64 ones
@@ -322,7 +323,7 @@ def _wellposed(
         total = torch.logsumexp(lx, dim=1).exp() + tail
         lx -= torch.log(total).unsqueeze(1)
         tail /= total
-    edges = support_edges(graph, ids, valid)
+    edges = support_edges(graph, ids, valid, backend)
     g = graph.on(ids.device)
     if "knn_mean" not in g:
         g["knn_mean"] = g["knn_cost"].mean(dim=1)
@@ -333,8 +334,9 @@ def _wellposed(
     top = max(float(graph.knn_cost.max()), float(lam.max()) if lam.numel() else 0.0)
     lam_r = reservoir_scale * top + reservoir_margin * epsilon
     out = wellposed_solve(
-        la, lb, tail_a, tail_b, edges, lam, lam_r, epsilon, max_iter, tol, reservoir=reservoir
-    )
+        la, lb, tail_a, tail_b, edges, lam, lam_r, epsilon, max_iter, tol, reservoir=reservoir,
+        backend=backend,
+    )  # fmt: skip
     F, G, FD, GD = out["F"], out["G"], out["FD"], out["GD"]
     a = la.exp()
     # the tail's sum a_j F_j: the lumped a_D F_D plus the correction of the module docstring
@@ -432,11 +434,13 @@ def wpr_potentials_topk(
     reservoir: float = 2.0,
     reservoir_scale: float = 2.0,
     reservoir_margin: float = 10.0,
+    backend: str = "auto",
 ) -> WPRResult:
     """WPR penalty from the compressed form (see ``compress_topk``); same result fields.
 
     ``paper`` here differs from the full-logit path in one way: a batch-support token outside a
-    position's own top-k2 has mass 0 instead of its (small) true mass.
+    position's own top-k2 has mass 0 instead of its (small) true mass. ``backend`` (wellposed
+    only): ``auto``, ``compiled`` or ``torch``, see ``wellposed.wellposed_solve``.
     """
     if not isinstance(pair, TopKPair):
         raise UserError(f"WPR: expected a TopKPair from compress_topk, got {type(pair).__name__}")
@@ -461,4 +465,5 @@ def wpr_potentials_topk(
         reservoir,
         reservoir_scale,
         reservoir_margin=reservoir_margin,
+        backend=backend,
     )

@@ -1,0 +1,651 @@
+"""The ``wellposed`` Newton stage compiled for the CPU: one position per loop turn, positions in
+parallel.
+
+The same algorithm as ``wellposed._stage_torch`` (see the ``wellposed`` module docstring), step
+for step: Sinkhorn sweep, damped Newton system by PCG with the arrow preconditioner, gauge
+removal, step cap, Armijo backtracking, Sinkhorn fallback. The batched tensor version pays for
+every one of its ~70k small ops in Python and dispatch overhead (the arithmetic of a 512-position
+batch at V = 32k is ~0.2 s of its 1.6 s); here a position's problem (~150 slots, ~300 in-support
+edges) lives in cache for its whole solve, a converged position costs nothing more, and the
+positions spread over the cores. A test checks that both give the same potentials.
+
+Division and logarithm follow IEEE (``error_model="numpy"``: 1/0 = inf, log 0 = -inf), as in
+torch, and the same guards make the same non-finite values harmless.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+
+import numba
+import numpy as np
+from numba import get_num_threads, njit, prange, set_num_threads
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    # numba would pick its OpenMP layer: a second OpenMP runtime beside PyTorch's, whose threads
+    # spin after every launch on cores the caller's other threads need (measured in PPO: the
+    # generation, forward and training phases ran 1.5x slower). The workqueue layer's threads
+    # sleep when idle.
+    numba.config.THREADING_LAYER = "workqueue"
+
+# cache: compiled once per machine (~25 s), loaded from __pycache__ after; no fastmath: the
+# guards rely on inf and NaN behaving as IEEE says
+_OPTS = dict(cache=True, error_model="numpy", fastmath=False)
+_TINY = np.finfo(np.float64).tiny
+_RIDGE = 1e-10  # the preconditioner's relative ridge (``wellposed._Precond``)
+# one parallel launch at a time: numba's default threading layer does not take concurrent ones
+_LAUNCH = threading.Lock()
+
+
+@njit(**_OPTS)
+def _plan(F, G, H, lam, lam_r, ei, ej, ce, pl, Pe, hub):
+    """Plan entries and marginals. pl rows: Pd, PiD, PDj, PiR, PRj, r, c; hub: PDD, PDR, PRD,
+    PRR, then the hub marginals rh (FD, GD, FR, GR)."""
+    FD, GD, FR, GR = H[0], H[1], H[2], H[3]
+    sPDj = sPiD = sPRj = sPiR = 0.0
+    for i in range(F.shape[0]):
+        Pd = math.exp(F[i] + G[i])
+        PiD = math.exp(F[i] + GD - lam[i])
+        PDj = math.exp(FD + G[i] - lam[i])
+        PiR = math.exp(F[i] + (GR - lam_r))
+        PRj = math.exp((FR - lam_r) + G[i])
+        pl[0, i], pl[1, i], pl[2, i], pl[3, i], pl[4, i] = Pd, PiD, PDj, PiR, PRj
+        pl[5, i] = Pd + PiD + PiR
+        pl[6, i] = Pd + PDj + PRj
+        sPDj += PDj
+        sPiD += PiD
+        sPRj += PRj
+        sPiR += PiR
+    for k in range(ei.shape[0]):
+        pe = math.exp(F[ei[k]] + G[ej[k]] - ce[k])
+        Pe[k] = pe
+        pl[5, ei[k]] += pe
+        pl[6, ej[k]] += pe
+    PDD = math.exp(FD + GD)
+    PDR = math.exp(FD + GR - lam_r)
+    PRD = math.exp(FR + GD - lam_r)
+    PRR = math.exp(FR + GR)
+    hub[0], hub[1], hub[2], hub[3] = PDD, PDR, PRD, PRR
+    hub[4] = PDD + PDR + sPDj
+    hub[5] = PDD + PRD + sPiD
+    hub[6] = PRR + PRD + sPRj
+    hub[7] = PRR + PDR + sPiR
+
+
+@njit(**_OPTS)
+def _big_of(x):
+    m = 0.0
+    for i in range(x.shape[0]):
+        m = max(m, abs(x[i]))
+    return m
+
+
+# Largest change (log units) ``_rescale`` applies by multiplication. An entry that underflowed
+# (< 1e-308) and is scaled by at most e^(2 * 30) stays below 1e-282, negligible against any mass
+# the solver resolves, so no entry needs to be recomputed; larger changes recompute the plan.
+_RESCALE_MAX = 30.0
+
+
+@njit(**_OPTS)
+def _rescale(F, G, H, dF, dG, dH, lam, lam_r, ei, ej, ce, pl, Pe, hub):
+    """The plan after F += dF, G += dG, H += dH (F, G, H already updated), from the old plan:
+    each entry times exp(its row's change + its column's change). One exp per variable instead
+    of one per entry (5 per slot, 1 per edge), and the products vectorize."""
+    S = F.shape[0]
+    if not max(_big_of(dF), _big_of(dG), _big_of(dH)) <= _RESCALE_MAX:
+        _plan(F, G, H, lam, lam_r, ei, ej, ce, pl, Pe, hub)
+        return
+    # a half step changes one side only: no exp for the other (its changes are exactly 0)
+    eF = np.exp(dF) if _big_of(dF) > 0 else np.ones(S)
+    eG = np.exp(dG) if _big_of(dG) > 0 else np.ones(S)
+    eFD, eGD, eFR, eGR = math.exp(dH[0]), math.exp(dH[1]), math.exp(dH[2]), math.exp(dH[3])
+    for i in range(S):
+        pl[0, i] *= eF[i] * eG[i]
+        pl[1, i] *= eF[i] * eGD
+        pl[2, i] *= eFD * eG[i]
+        pl[3, i] *= eF[i] * eGR
+        pl[4, i] *= eFR * eG[i]
+        pl[5, i] = pl[0, i] + pl[1, i] + pl[3, i]
+        pl[6, i] = pl[0, i] + pl[2, i] + pl[4, i]
+    for k in range(ei.shape[0]):
+        pe = Pe[k] * (eF[ei[k]] * eG[ej[k]])
+        Pe[k] = pe
+        pl[5, ei[k]] += pe
+        pl[6, ej[k]] += pe
+    hub[0] *= eFD * eGD
+    hub[1] *= eFD * eGR
+    hub[2] *= eFR * eGD
+    hub[3] *= eFR * eGR
+    sPDj = sPiD = sPRj = sPiR = 0.0
+    for i in range(S):
+        sPDj += pl[2, i]
+        sPiD += pl[1, i]
+        sPRj += pl[4, i]
+        sPiR += pl[3, i]
+    hub[4] = hub[0] + hub[1] + sPDj
+    hub[5] = hub[0] + hub[2] + sPiD
+    hub[6] = hub[3] + hub[2] + sPRj
+    hub[7] = hub[3] + hub[1] + sPiR
+
+
+@njit(**_OPTS)
+def _objective(F, G, H, mF, mG, mH, pl, hub):
+    """Phi = <a, F> + <b, G> + <hubs' masses, H> - total plan mass (0 * -inf = 0)."""
+    phi = 0.0
+    for i in range(F.shape[0]):
+        if mF[i] > 0:
+            phi += mF[i] * F[i]
+        if mG[i] > 0:
+            phi += mG[i] * G[i]
+        phi -= pl[5, i]
+    for h in range(4):
+        if mH[h] > 0:
+            phi += mH[h] * H[h]
+    return phi - hub[4] - hub[6]
+
+
+@njit(**_OPTS)
+def _gradient(mF, mG, mH, actF, actG, actH, pl, hub, gF, gG, gH):
+    """The marginal error (a - P 1, b - P^T 1) on the active variables; returns its L1 norm."""
+    err = 0.0
+    for i in range(mF.shape[0]):
+        gF[i] = mF[i] - pl[5, i] if actF[i] else 0.0
+        gG[i] = mG[i] - pl[6, i] if actG[i] else 0.0
+        err += abs(gF[i]) + abs(gG[i])
+    for h in range(4):
+        gH[h] = mH[h] - hub[4 + h] if actH[h] else 0.0
+        err += abs(gH[h])
+    return err
+
+
+@njit(**_OPTS)
+def _matvec(pl, Pe, hub, damp, ei, ej, vF, vG, vH, oF, oG, oH):
+    """J v with J = [[diag r, P], [P^T, diag c]] + damp I over (F, G, hubs)."""
+    vFD, vGD, vFR, vGR = vH[0], vH[1], vH[2], vH[3]
+    s0 = s1 = s2 = s3 = 0.0
+    for i in range(vF.shape[0]):
+        Pd, PiD, PDj, PiR, PRj = pl[0, i], pl[1, i], pl[2, i], pl[3, i], pl[4, i]
+        oF[i] = (pl[5, i] + damp) * vF[i] + Pd * vG[i] + PiD * vGD + PiR * vGR
+        oG[i] = (pl[6, i] + damp) * vG[i] + Pd * vF[i] + PDj * vFD + PRj * vFR
+        s0 += PDj * vG[i]
+        s1 += PiD * vF[i]
+        s2 += PRj * vG[i]
+        s3 += PiR * vF[i]
+    for k in range(ei.shape[0]):
+        oF[ei[k]] += Pe[k] * vG[ej[k]]
+        oG[ej[k]] += Pe[k] * vF[ei[k]]
+    PDD, PDR, PRD, PRR = hub[0], hub[1], hub[2], hub[3]
+    oH[0] = (hub[4] + damp) * vFD + s0 + PDD * vGD + PDR * vGR
+    oH[1] = (hub[5] + damp) * vGD + s1 + PDD * vFD + PRD * vFR
+    oH[2] = (hub[6] + damp) * vFR + s2 + PRD * vGD + PRR * vGR
+    oH[3] = (hub[7] + damp) * vGR + s3 + PDR * vFD + PRR * vFR
+
+
+@njit(**_OPTS)
+def _inv4(A, out):
+    """out = A^-1 by Gauss-Jordan with partial pivoting; zeros when a pivot is 0 (singular)."""
+    M = np.empty((4, 8))
+    for i in range(4):
+        for j in range(4):
+            M[i, j] = A[i, j]
+            M[i, 4 + j] = 1.0 if i == j else 0.0
+    for col in range(4):
+        piv = col
+        for r in range(col + 1, 4):
+            if abs(M[r, col]) > abs(M[piv, col]):
+                piv = r
+        if M[piv, col] == 0.0:
+            out[:, :] = 0.0
+            return
+        if piv != col:
+            for j in range(8):
+                M[col, j], M[piv, j] = M[piv, j], M[col, j]
+        d = M[col, col]
+        for j in range(8):
+            M[col, j] /= d
+        for r in range(4):
+            if r != col and M[r, col] != 0.0:
+                f = M[r, col]
+                for j in range(8):
+                    M[r, j] -= f * M[col, j]
+    for i in range(4):
+        for j in range(4):
+            v = M[i, 4 + j]
+            out[i, j] = v if np.isfinite(v) else 0.0
+
+
+@njit(**_OPTS)
+def _precond(pl, hub, damp, actF, actG, actH, abg, Hinv):
+    """``wellposed._Precond`` for one position: per-slot 2x2 inverses (al, be, ga in abg) and the
+    inverse of the hubs' 4x4 Schur complement."""
+    S = pl.shape[1]
+    Sm = np.zeros((4, 4))
+    for i in range(S):
+        r = max(pl[5, i] + damp if actF[i] else 1.0, _TINY)
+        c = max(pl[6, i] + damp if actG[i] else 1.0, _TINY)
+        Pd = pl[0, i]
+        pr, pc = Pd / r, Pd / c
+        dd = (1 + _RIDGE) ** 2 - pr * pc
+        al, be, ga = 1 / (r * dd), -pr / (c * dd), 1 / (c * dd)
+        abg[0, i], abg[1, i], abg[2, i] = al, be, ga
+        PiD, PDj, PiR, PRj = pl[1, i], pl[2, i], pl[3, i], pl[4, i]
+        Sm[0, 0] += ga * PDj * PDj
+        Sm[2, 2] += ga * PRj * PRj
+        Sm[0, 2] += ga * PDj * PRj
+        Sm[1, 1] += al * PiD * PiD
+        Sm[3, 3] += al * PiR * PiR
+        Sm[1, 3] += al * PiD * PiR
+        Sm[0, 1] += be * PDj * PiD
+        Sm[0, 3] += be * PDj * PiR
+        Sm[2, 1] += be * PRj * PiD
+        Sm[2, 3] += be * PRj * PiR
+    Sm[2, 0], Sm[3, 1], Sm[1, 0], Sm[3, 0], Sm[1, 2], Sm[3, 2] = (
+        Sm[0, 2], Sm[1, 3], Sm[0, 1], Sm[0, 3], Sm[2, 1], Sm[2, 3]
+    )  # fmt: skip
+    Hm = np.zeros((4, 4))
+    for h in range(4):
+        Hm[h, h] = (hub[4 + h] + damp) * (1 + _RIDGE) if actH[h] else 1.0
+    Hm[0, 1] = Hm[1, 0] = hub[0]
+    Hm[0, 3] = Hm[3, 0] = hub[1]
+    Hm[2, 1] = Hm[1, 2] = hub[2]
+    Hm[2, 3] = Hm[3, 2] = hub[3]
+    Sc = np.empty((4, 4))
+    for i in range(4):
+        for j in range(4):
+            if actH[i] and actH[j]:
+                Sc[i, j] = Hm[i, j] - Sm[i, j]
+            else:
+                Sc[i, j] = 1.0 if i == j else 0.0
+    for h in range(4):
+        Sc[h, h] += _RIDGE * abs(Sc[h, h])
+    _inv4(Sc, Hinv)
+
+
+@njit(**_OPTS)
+def _apply(pl, abg, Hinv, actF, actG, actH, qF, qG, qH, zF, zG, zH):
+    """z = M^-1 q (``wellposed._Precond.apply``)."""
+    S = qF.shape[0]
+    rhs = np.empty(4)
+    rhs[:] = qH
+    for i in range(S):
+        tF = abg[0, i] * qF[i] + abg[1, i] * qG[i]
+        tG = abg[1, i] * qF[i] + abg[2, i] * qG[i]
+        rhs[0] -= pl[2, i] * tG
+        rhs[1] -= pl[1, i] * tF
+        rhs[2] -= pl[4, i] * tG
+        rhs[3] -= pl[3, i] * tF
+    for h in range(4):
+        if not actH[h]:
+            rhs[h] = 0.0
+    h = np.empty(4)
+    for j in range(4):
+        h[j] = Hinv[j, 0] * rhs[0] + Hinv[j, 1] * rhs[1] + Hinv[j, 2] * rhs[2] + Hinv[j, 3] * rhs[3]
+    for i in range(S):
+        uF = qF[i] - pl[1, i] * h[1] - pl[3, i] * h[3]
+        uG = qG[i] - pl[2, i] * h[0] - pl[4, i] * h[2]
+        a = abg[0, i] * uF + abg[1, i] * uG
+        b = abg[1, i] * uF + abg[2, i] * uG
+        zF[i] = a if actF[i] and np.isfinite(a) else 0.0
+        zG[i] = b if actG[i] and np.isfinite(b) else 0.0
+    for j in range(4):
+        zH[j] = h[j] if np.isfinite(h[j]) else 0.0
+
+
+@njit(**_OPTS)
+def _dot3(aF, aG, aH, bF, bG, bH):
+    # plain loops: numba's np.dot needs SciPy's BLAS
+    s = 0.0
+    for i in range(aF.shape[0]):
+        s += aF[i] * bF[i] + aG[i] * bG[i]
+    for h in range(4):
+        s += aH[h] * bH[h]
+    return s
+
+
+@njit(**_OPTS)
+def _axpy(alpha, aF, aG, aH, yF, yG, yH):
+    """y += alpha a over (F, G, hubs)."""
+    for i in range(aF.shape[0]):
+        yF[i] += alpha * aF[i]
+        yG[i] += alpha * aG[i]
+    for h in range(4):
+        yH[h] += alpha * aH[h]
+
+
+@njit(**_OPTS)
+def _cg(pl, Pe, hub, damp, ei, ej, abg, Hinv, actF, actG, actH, gF, gG, gH, max_cg, rel, x):
+    """Preconditioned CG on (J + damp I) d = g to relative residual ``rel``; x (3, S + 4 packed
+    as F, G, H views) receives d. Returns the iterations."""
+    S = gF.shape[0]
+    xF, xG, xH = x[0, :S], x[1, :S], x[2, :4]
+    xF[:] = 0.0
+    xG[:] = 0.0
+    xH[:] = 0.0
+    rF, rG, rH = gF.copy(), gG.copy(), gH.copy()
+    zF, zG, zH = np.empty(S), np.empty(S), np.empty(4)
+    qF, qG, qH = np.empty(S), np.empty(S), np.empty(4)
+    _apply(pl, abg, Hinv, actF, actG, actH, rF, rG, rH, zF, zG, zH)
+    pF, pG, pH = zF.copy(), zG.copy(), zH.copy()
+    rz = _dot3(rF, rG, rH, zF, zG, zH)
+    stop = rz * rel * rel
+    if not rz > 0:
+        return 0
+    it = 0
+    while it < max_cg:
+        it += 1
+        _matvec(pl, Pe, hub, damp, ei, ej, pF, pG, pH, qF, qG, qH)
+        pq = _dot3(pF, pG, pH, qF, qG, qH)
+        if not pq > 0:
+            break
+        alpha = rz / pq
+        _axpy(alpha, pF, pG, pH, xF, xG, xH)
+        _axpy(-alpha, qF, qG, qH, rF, rG, rH)
+        _apply(pl, abg, Hinv, actF, actG, actH, rF, rG, rH, zF, zG, zH)
+        rz_new = _dot3(rF, rG, rH, zF, zG, zH)
+        if not rz_new > stop:
+            break
+        beta = rz_new / rz
+        for i in range(S):
+            pF[i] = zF[i] + beta * pF[i]
+            pG[i] = zG[i] + beta * pG[i]
+        for h in range(4):
+            pH[h] = zH[h] + beta * pH[h]
+        rz = rz_new
+    return it
+
+
+@njit(**_OPTS)
+def _sinkhorn_step(X, H, m, mH, act, actH, marg, hub, side, dX, dH):
+    """The Sinkhorn half step of one side (side 0: rows F, FD, FR; 1: columns G, GD, GR): its
+    change dX = log mass - log marginal on the active variables (0 elsewhere), applied to X, H in
+    place; the other side's change is left 0."""
+    for i in range(X.shape[0]):
+        dX[i] = math.log(m[i]) - math.log(max(marg[i], _TINY)) if act[i] else 0.0
+        X[i] += dX[i]
+    dH[:] = 0.0
+    for h in (side, side + 2):
+        if actH[h]:
+            dH[h] = math.log(mH[h]) - math.log(max(hub[4 + h], _TINY))
+            H[h] += dH[h]
+
+
+@njit(**_OPTS)
+def solve_position(
+    la, lb, laD, lbD, lam, ei, ej, ce, lam_r, log_rho, F, G, H, max_iter, tol, max_cg, cap, damp
+):
+    """One position's stage; F, G, H hold the start and receive the result (in place).
+    Returns (Newton iterations, L1 marginal error, converged, CG iterations)."""
+    S = la.shape[0]
+    mF, mG = np.exp(la), np.exp(lb)
+    rho = math.exp(log_rho)
+    mH = np.array([math.exp(laD), math.exp(lbD), rho, rho])
+    actF, actG, actH = np.isfinite(la), np.isfinite(lb), mH > 0
+    E = ei.shape[0]
+    pl, Pe, hub = np.empty((7, S)), np.empty(E), np.empty(8)
+    cpl, cPe, chub = np.empty((7, S)), np.empty(E), np.empty(8)
+    gF, gG, gH = np.empty(S), np.empty(S), np.empty(4)
+    cF, cG, cH = np.empty(S), np.empty(S), np.empty(4)
+    abg, Hinv = np.empty((3, S)), np.empty((4, 4))
+    d = np.empty((3, max(S, 4)))
+    zero, dX, dHs = np.zeros(S), np.empty(S), np.empty(4)
+    tF, tG, tH = np.empty(S), np.empty(S), np.empty(4)
+    sign = np.array([1.0, -1.0, 1.0, -1.0])
+    _plan(F, G, H, lam, lam_r, ei, ej, ce, pl, Pe, hub)
+    phi = _objective(F, G, H, mF, mG, mH, pl, hub)
+    iters = cg_total = 0
+    err = math.inf
+    converged = False
+    for k in range(max_iter + 1):
+        err = _gradient(mF, mG, mH, actF, actG, actH, pl, hub, gF, gG, gH)
+        if err <= tol:
+            converged = True
+            break
+        if k == max_iter:
+            break
+        iters += 1
+        # Sinkhorn sweep (columns, then rows), as in the batched version
+        _sinkhorn_step(G, H, mG, mH, actG, actH, pl[6], hub, 1, dX, dHs)
+        _rescale(F, G, H, zero, dX, dHs, lam, lam_r, ei, ej, ce, pl, Pe, hub)
+        _sinkhorn_step(F, H, mF, mH, actF, actH, pl[5], hub, 0, dX, dHs)
+        _rescale(F, G, H, dX, zero, dHs, lam, lam_r, ei, ej, ce, pl, Pe, hub)
+        phi = _objective(F, G, H, mF, mG, mH, pl, hub)
+        err = _gradient(mF, mG, mH, actF, actG, actH, pl, hub, gF, gG, gH)
+        # damped Newton system by PCG
+        _precond(pl, hub, damp, actF, actG, actH, abg, Hinv)
+        rel = min(math.sqrt(err), 0.1)
+        budget = max_cg * (1 + k // 8)
+        cg_total += _cg(
+            pl, Pe, hub, damp, ei, ej, abg, Hinv, actF, actG, actH, gF, gG, gH, budget, rel, d
+        )
+        dF, dG, dH = d[0, :S], d[1, :S], d[2, :4]
+        # the gauge component (f_R = g_R fixed), inactive variables, the step cap
+        shift = (dH[2] - dH[3]) / 2
+        big = 0.0
+        for i in range(S):
+            dF[i] = dF[i] - shift if actF[i] else 0.0
+            dG[i] = dG[i] + shift if actG[i] else 0.0
+            big = max(big, abs(dF[i]), abs(dG[i]))
+        for h in range(4):
+            dH[h] = dH[h] - shift * sign[h] if actH[h] else 0.0
+            big = max(big, abs(dH[h]))
+        scale = min(cap / max(big, 1e-300), 1.0)
+        dF *= scale
+        dG *= scale
+        dH *= scale
+        slope = _dot3(gF, gG, gH, dF, dG, dH)
+        # Armijo backtracking; where it fails, a Sinkhorn half step on G instead
+        t = 1.0
+        accepted = False
+        cphi = phi
+        for _ls in range(30):
+            cF[:] = F
+            cG[:] = G
+            cH[:] = H
+            _axpy(t, dF, dG, dH, cF, cG, cH)
+            if k % 8 == 7:  # now and then an exact plan, so rounding cannot pile up
+                _plan(cF, cG, cH, lam, lam_r, ei, ej, ce, cpl, cPe, chub)
+            else:
+                cpl[:] = pl
+                cPe[:] = Pe
+                chub[:] = hub
+                tF[:] = 0.0
+                tG[:] = 0.0
+                tH[:] = 0.0
+                _axpy(t, dF, dG, dH, tF, tG, tH)
+                _rescale(cF, cG, cH, tF, tG, tH, lam, lam_r, ei, ej, ce, cpl, cPe, chub)
+            cphi = _objective(cF, cG, cH, mF, mG, mH, cpl, chub)
+            if np.isfinite(cphi) and cphi >= phi + 1e-4 * t * slope - 1e-12 * (1 + abs(phi)):
+                accepted = True
+                break
+            t /= 2
+        if accepted:
+            F[:] = cF
+            G[:] = cG
+            H[:] = cH
+            pl, cpl = cpl, pl
+            Pe, cPe = cPe, Pe
+            hub, chub = chub, hub
+            phi = cphi
+        else:
+            _sinkhorn_step(G, H, mG, mH, actG, actH, pl[6], hub, 1, dX, dHs)
+            _plan(F, G, H, lam, lam_r, ei, ej, ce, pl, Pe, hub)
+            phi = _objective(F, G, H, mF, mG, mH, pl, hub)
+    return iters, err, converged, cg_total
+
+
+@njit(parallel=True, **_OPTS)
+def _solve_parallel(la, lb, laD, lbD, lam, ptr, ei, ej, ce, lam_r, log_rho, F, G, H, settings, out):
+    for p in prange(la.shape[0]):
+        _solve_into(
+            la, lb, laD, lbD, lam, ptr, ei, ej, ce, lam_r, log_rho, F, G, H, settings, out, p
+        )
+
+
+@njit(**_OPTS)
+def _solve_serial(la, lb, laD, lbD, lam, ptr, ei, ej, ce, lam_r, log_rho, F, G, H, settings, out):
+    for p in range(la.shape[0]):
+        _solve_into(
+            la, lb, laD, lbD, lam, ptr, ei, ej, ce, lam_r, log_rho, F, G, H, settings, out, p
+        )
+
+
+@njit(**_OPTS)
+def _solve_into(la, lb, laD, lbD, lam, ptr, ei, ej, ce, lam_r, log_rho, F, G, H, settings, out, p):
+    max_iter, tol, max_cg, cap, damp = settings
+    e0, e1 = ptr[p], ptr[p + 1]
+    it, err, conv, cg = solve_position(
+        la[p], lb[p], laD[p], lbD[p], lam[p], ei[e0:e1], ej[e0:e1], ce[e0:e1], lam_r, log_rho,
+        F[p], G[p], H[p], int(max_iter), tol, int(max_cg), cap, damp,
+    )  # fmt: skip
+    out[p, 0], out[p, 1], out[p, 2], out[p, 3] = it, err, conv, cg
+
+
+def _launch(parallel, serial, threads: int, n: int, *args) -> None:
+    """``parallel(*args)`` on ``threads`` threads, or ``serial(*args)`` for one thread or one
+    item (no thread pool is touched then: PPO's worker thread runs with one)."""
+    if threads <= 1 or n < 2:
+        serial(*args)
+        return
+    with _LAUNCH:
+        before = get_num_threads()
+        set_num_threads(max(1, min(threads, before)))
+        try:
+            parallel(*args)
+        finally:
+            set_num_threads(before)
+
+
+def solve_stage(
+    la: np.ndarray,
+    lb: np.ndarray,
+    laD: np.ndarray,
+    lbD: np.ndarray,
+    lam: np.ndarray,
+    ptr: np.ndarray,
+    ei: np.ndarray,
+    ej: np.ndarray,
+    ce: np.ndarray,
+    lam_r: float,
+    log_rho: float,
+    F: np.ndarray,
+    G: np.ndarray,
+    H: np.ndarray,
+    max_iter: int,
+    tol: float,
+    max_cg: int,
+    cap: float,
+    damp: float,
+    threads: int,
+) -> np.ndarray:
+    """All positions (rows); F, G (P, S) and H (P, 4) in place. Returns (P, 4): iterations, L1
+    marginal error, converged, CG iterations. ``threads`` > 1 spreads the positions over that many
+    threads (at most numba's pool size)."""
+    out = np.zeros((la.shape[0], 4))
+    settings = np.array([max_iter, tol, max_cg, cap, damp], dtype=np.float64)
+    args = (la, lb, laD, lbD, lam, ptr, ei, ej, ce, lam_r, log_rho, F, G, H, settings, out)
+    _launch(_solve_parallel, _solve_serial, threads, la.shape[0], *args)
+    return out
+
+
+@njit(**_OPTS)
+def _position_edges(ids, valid, knn, knn_cost, slot, adj, cost, out_i, out_j, out_c):
+    """One position's in-support edges, sorted by (i, j), into out_* (as many as fit); returns
+    their number. ``slot`` (V,) all -1 and ``adj`` (S, S) all False on entry and on return."""
+    S = ids.shape[0]
+    k1 = knn.shape[1]
+    for i in range(S):
+        if valid[i]:
+            slot[ids[i]] = i
+    for i in range(S):
+        if not valid[i]:
+            continue
+        t = ids[i]
+        for r in range(k1):
+            j = slot[knn[t, r]]
+            if j >= 0 and j != i and not adj[i, j]:
+                adj[i, j] = adj[j, i] = True
+                cost[i, j] = cost[j, i] = knn_cost[t, r]
+    n = 0
+    cap = out_i.shape[0]
+    for i in range(S):
+        for j in range(S):
+            if adj[i, j]:
+                if n < cap:
+                    out_i[n], out_j[n], out_c[n] = i, j, cost[i, j]
+                n += 1
+                adj[i, j] = False
+    for i in range(S):
+        if valid[i]:
+            slot[ids[i]] = -1
+    return n
+
+
+@njit(**_OPTS)
+def _edges_chunk(ids, valid, knn, knn_cost, lo, hi, slab_i, slab_j, slab_c, counts):
+    """Positions lo..hi into their slab rows (first ``cap`` edges) and their true counts; one
+    vocabulary-sized slot map and one S x S adjacency for the chunk."""
+    S = ids.shape[1]
+    slot = np.full(knn.shape[0], -1, dtype=np.int32)
+    adj = np.zeros((S, S), dtype=np.bool_)
+    cost = np.empty((S, S), dtype=knn_cost.dtype)
+    for p in range(lo, hi):
+        counts[p] = _position_edges(
+            ids[p], valid[p], knn, knn_cost, slot, adj, cost, slab_i[p], slab_j[p], slab_c[p]
+        )
+
+
+@njit(parallel=True, **_OPTS)
+def _edges_parallel(ids, valid, knn, knn_cost, chunks, slab_i, slab_j, slab_c, counts):
+    for c in prange(chunks.shape[0] - 1):
+        _edges_chunk(ids, valid, knn, knn_cost, chunks[c], chunks[c + 1], slab_i, slab_j, slab_c,
+                     counts)  # fmt: skip
+
+
+@njit(**_OPTS)
+def _edges_serial(ids, valid, knn, knn_cost, chunks, slab_i, slab_j, slab_c, counts):
+    _edges_chunk(ids, valid, knn, knn_cost, 0, ids.shape[0], slab_i, slab_j, slab_c, counts)
+
+
+@njit(**_OPTS)
+def _edges_flatten(ids, valid, knn, knn_cost, slab_i, slab_j, slab_c, ptr, out_i, out_j, out_c):
+    """The flat lists: each position's slab row, or, where it overflowed, computed again."""
+    S = ids.shape[1]
+    cap = slab_i.shape[1]
+    for p in range(ids.shape[0]):
+        e0, e1 = ptr[p], ptr[p + 1]
+        if e1 - e0 <= cap:
+            out_i[e0:e1] = slab_i[p, : e1 - e0]
+            out_j[e0:e1] = slab_j[p, : e1 - e0]
+            out_c[e0:e1] = slab_c[p, : e1 - e0]
+        else:
+            _position_edges(
+                ids[p], valid[p], knn, knn_cost, np.full(knn.shape[0], -1, dtype=np.int32),
+                np.zeros((S, S), dtype=np.bool_), np.empty((S, S), dtype=knn_cost.dtype),
+                out_i[e0:e1], out_j[e0:e1], out_c[e0:e1],
+            )  # fmt: skip
+
+
+def support_edges_cpu(
+    ids: np.ndarray, valid: np.ndarray, knn: np.ndarray, knn_cost: np.ndarray, threads: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``wellposed.support_edges`` compiled: (ptr (P + 1,), i, j, cost), sorted by (p, i, j).
+
+    One pass over the kNN lists: each position writes into a slab row of 8 edges per slot (a
+    support of top tokens has ~2); a position with more is computed again when flattening."""
+    P, S = ids.shape
+    cap = 8 * S
+    chunks = np.linspace(0, P, max(1, min(P, 8 * max(1, threads))) + 1).astype(np.int64)
+    counts = np.zeros(P, dtype=np.int64)
+    slab_i, slab_j = np.empty((P, cap), dtype=np.int64), np.empty((P, cap), dtype=np.int64)
+    slab_c = np.empty((P, cap), dtype=knn_cost.dtype)
+    args = (ids, valid, knn, knn_cost, chunks, slab_i, slab_j, slab_c, counts)
+    _launch(_edges_parallel, _edges_serial, threads, P, *args)
+    ptr = np.zeros(P + 1, dtype=np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    E = int(ptr[-1])
+    ei, ej = np.empty(E, dtype=np.int64), np.empty(E, dtype=np.int64)
+    c = np.empty(E, dtype=knn_cost.dtype)
+    _edges_flatten(ids, valid, knn, knn_cost, slab_i, slab_j, slab_c, ptr, ei, ej, c)
+    return ptr, ei, ej, c
