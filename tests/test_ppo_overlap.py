@@ -12,7 +12,7 @@ from tests.test_regularizers_wpr import rollout, setup_reg, wpr_cfg
 from wprctl.errors import UserError
 from wprctl.manifest import RegularizerConfig
 from wprctl.ot import compress_topk
-from wprctl.ot.threads import single_thread
+from wprctl.ot.threads import compiled_threads, single_thread
 from wprctl.regularizers import RegBatch, Regularizer, build_regularizer
 from wprctl.stages.ppo import _RegularizerWorker
 
@@ -108,6 +108,7 @@ class _Probe(Regularizer):
 
     def reward_penalty(self, batch: RegBatch) -> torch.Tensor:
         self.seen["worker"] = torch.get_num_threads()
+        self.seen["worker_compiled"] = compiled_threads()
         with single_thread():
             self.inside.set()
             self.release.wait(60)
@@ -137,8 +138,10 @@ def test_worker_runs_one_thread_and_leaves_the_main_threads_count(two_threads) -
     finally:
         probe.release.set()
         worker.close()
-    assert probe.seen == {"worker": 1}
+    # one intra-op thread on the worker; its compiled solvers keep the main thread's two
+    assert probe.seen == {"worker": 1, "worker_compiled": 2}
     assert main_during == 2 and later == [2] and torch.get_num_threads() == 2
+    assert compiled_threads() == 2
 
 
 def test_single_thread_on_another_thread_keeps_the_main_threads_count(two_threads) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -13,21 +14,45 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 @contextmanager
-def single_thread(enabled: bool = True) -> Iterator[None]:
+def intra_op_threads(n: int, enabled: bool = True) -> Iterator[None]:
+    """Run the block with at most ``n`` intra-op threads (when ``enabled``), restoring the count
+    after."""
+    threads = torch.get_num_threads()
+    change = enabled and threads > n
+    if change:
+        torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        if change:
+            torch.set_num_threads(threads)
+
+
+_local = threading.local()
+
+
+def compiled_threads() -> int:
+    """Threads for the compiled (numba) solvers on this thread: its ``set_compiled_threads``
+    value, else its intra-op thread count."""
+    return getattr(_local, "compiled", None) or torch.get_num_threads()
+
+
+def set_compiled_threads(n: int | None) -> None:
+    """Let the compiled solvers called from this thread use ``n`` threads (None: the intra-op
+    count). For a thread that keeps one intra-op thread for PyTorch's sake (an OpenMP team per
+    thread, see ``wprctl.stages.ppo``) but may run numba's own pool, whose threads sleep when
+    idle, on every core."""
+    _local.compiled = n
+
+
+def single_thread(enabled: bool = True) -> AbstractContextManager[None]:
     """Run the block with one intra-op thread (when ``enabled``), restoring the count after.
 
     The iterative solvers issue thousands of ops on tensors of ~1e4-1e5 entries: extra threads
     gain little there, and on a busy CPU every op's barrier waits for a descheduled thread
     (measured on the 2-core benchmark machine under load: 30-100x slower with 2 threads).
     """
-    threads = torch.get_num_threads()
-    if enabled and threads > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if enabled and threads > 1:
-            torch.set_num_threads(threads)
+    return intra_op_threads(1, enabled)
 
 
 def single_threaded_when(small: Callable[..., bool]) -> Callable[[F], F]:

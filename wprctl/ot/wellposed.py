@@ -137,7 +137,7 @@ from dataclasses import dataclass
 import torch
 
 from wprctl.ot.graph import CostGraph
-from wprctl.ot.threads import single_thread
+from wprctl.ot.threads import compiled_threads, single_thread
 
 
 def support_edges(
@@ -200,13 +200,14 @@ def support_edges(
 def _compiled_threads(backend: str, device: torch.device) -> int:
     """Threads for the compiled CPU code, 0 for the batched tensor code (see ``wellposed_solve``).
 
-    The compiled code uses the caller's intra-op thread count: it is one parallel launch with
-    one barrier, not thousands of small ops each with its own (see threads.py)."""
+    The compiled code uses the caller's intra-op thread count (or its ``set_compiled_threads``):
+    it is one parallel launch with one barrier, not thousands of small ops each with its own
+    (see threads.py)."""
     if backend not in ("auto", "compiled", "torch"):
         raise ValueError(f"backend must be auto, compiled or torch, not {backend!r}")
     if backend == "compiled" and device.type != "cpu":
         raise ValueError("the compiled wellposed backend runs on CPU tensors only")
-    return torch.get_num_threads() if backend != "torch" and device.type == "cpu" else 0
+    return compiled_threads() if backend != "torch" and device.type == "cpu" else 0
 
 
 def _gather(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:

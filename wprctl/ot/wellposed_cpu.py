@@ -30,9 +30,11 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     # sleep when idle.
     numba.config.THREADING_LAYER = "workqueue"
 
-# cache: compiled once per machine (~25 s), loaded from __pycache__ after; no fastmath: the
-# guards rely on inf and NaN behaving as IEEE says
-_OPTS = dict(cache=True, error_model="numpy", fastmath=False)
+# cache: compiled once per machine (~25 s), loaded from __pycache__ after; nogil: PPO calls the
+# solver on a worker thread while its main thread runs Python (values, reward score), which would
+# otherwise wait for the whole solve; no fastmath: the guards rely on inf and NaN behaving as IEEE
+# says
+_OPTS = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)
 _TINY = np.finfo(np.float64).tiny
 _RIDGE = 1e-10  # the preconditioner's relative ridge (``wellposed._Precond``)
 # one parallel launch at a time: numba's default threading layer does not take concurrent ones

@@ -33,7 +33,12 @@ then joins. The result is bit-identical to running them one after the other:
   that runs a multi-threaded OpenMP region gets its own libgomp thread pool, and once pool threads
   outnumber the cores libgomp cuts its spin-waiting short, so every one of the main thread's many
   small parallel ops (generation, forward, training) sleeps and wakes its threads: measured 1.6-2x
-  slower on 2 cores. On a many-core CPU the regularizer thus gives up its intra-op parallelism;
+  slower on 2 cores. On a many-core CPU the regularizer thus gives up its intra-op parallelism,
+  except in the compiled ``wellposed`` solver (numba's own pool, whose threads sleep when idle),
+  which keeps the main thread's count (`set_compiled_threads`) and gives the same bits with any;
+* while the worker runs, the main thread computes values and score with one intra-op thread
+  fewer (on the CPU), so that its parallel ops do not wait at every barrier for a thread that the
+  worker displaced;
 * grad mode is per thread: the worker runs under `torch.no_grad()` like `experience`;
 * on CUDA the worker first selects this process's device; both threads issue to the device's
   default stream, so the worker's kernels are ordered after the forward passes that produced its
@@ -70,6 +75,7 @@ from wprctl import engine as eng
 from wprctl.console import console, is_main_process, make_progress
 from wprctl.manifest import Manifest
 from wprctl.models import load_causal_lm, load_reward_model
+from wprctl.ot.threads import intra_op_threads, set_compiled_threads
 from wprctl.regularizers import BetaController, RegBatch, Regularizer, build_regularizer
 from wprctl.rl.online import (
     build_reward_fn,
@@ -147,7 +153,7 @@ class _RegularizerWorker:
             max_workers=1,
             thread_name_prefix="wprctl-regularizer",
             initializer=_init_worker_thread,
-            initargs=(device,),
+            initargs=(device, threads),
         )
         self._pool.submit(lambda: None).result()  # start the thread: run the initializer now
         # torch.set_num_threads(1) on the worker also set the process-wide default that threads
@@ -179,12 +185,15 @@ class _RegularizerWorker:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _init_worker_thread(device: torch.device) -> None:
+def _init_worker_thread(device: torch.device, threads: int) -> None:
     # One intra-op thread, so the worker never leads an OpenMP team of its own (module docstring).
     # get_num_threads first: a thread's first query initializes its count from the process-wide
     # value, which would undo a set_num_threads made before it.
     torch.get_num_threads()
     torch.set_num_threads(1)
+    # The compiled solvers (numba's pool, not OpenMP) keep the main thread's count: once values
+    # and score are done the main thread only waits, and the solve has every core.
+    set_compiled_threads(threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
@@ -321,10 +330,13 @@ class PPORecipe:
         del actor_logits, ref_logits  # the worker drops them after the top-k compression
         try:
             t0 = time.time()
-            values = token_values(self.critic, seq, attn, P) * mask
-            prompts_text = decode(self.tokenizer, prompt_ids, prompt_mask)
-            responses_text = decode(self.tokenizer, responses, mask)
-            score = self.reward_fn(seq, attn, prompts_text, responses_text, examples)
+            # the worker holds one core: on the CPU this thread takes the others, so that its
+            # parallel ops do not wait at every barrier for a thread the worker displaced
+            with intra_op_threads(torch.get_num_threads() - 1, seq.device.type == "cpu"):
+                values = token_values(self.critic, seq, attn, P) * mask
+                prompts_text = decode(self.tokenizer, prompt_ids, prompt_mask)
+                responses_text = decode(self.tokenizer, responses, mask)
+                score = self.reward_fn(seq, attn, prompts_text, responses_text, examples)
             score = score.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
             timers["time/reward"] += time.time() - t0
         except BaseException:
