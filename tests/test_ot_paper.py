@@ -85,3 +85,24 @@ def test_topk_per_position_problems_equal_the_batch_support_problem(
         assert_same(res, ref_res, rtol=1e-5)
         assert res.infeasible_fraction == ref_res.infeasible_fraction
     assert 0.0 < res.converged_fraction < 1.0
+
+
+@pytest.mark.parametrize("gauge", ["raw", "centered"])
+def test_compiled_per_position_problems_equal_the_tensor_ones(gauge: str) -> None:
+    """``paper_cpu`` (the CPU's per-position path) against ``local_problems`` +
+    ``paper_sinkhorn_local`` (the tensor path, as on CUDA), on a small vocabulary where each
+    position's tokens have many kNN edges among them (rows of ~10 entries)."""
+    emb, logits, ref, actions, mask = problem(V=300, B=4, T=20, seed=2)
+    actions[0, :3] = 0  # the pad id: outside the support (dust bin)
+    ref[2] = logits[2]  # a = b: feasible (the truncated problems of the others are not)
+    graph = CostGraph.from_embeddings(emb, k=24)
+    eps = graph.median_knn_cost() / 5
+    pair = compress_topk(logits, ref, actions, 16, mask)
+    for max_iter, tol in ((10, 1e-6), (60, 5e-2)):
+        kw = dict(epsilon=eps, max_iter=max_iter, tol=tol, gauge=gauge, return_value=True)
+        compiled = wpr_potentials_topk(pair, graph, method="paper", backend="compiled", **kw)
+        tensor = wpr_potentials_topk(pair, graph, method="paper", backend="torch", **kw)
+        assert_same(compiled, tensor, rtol=1e-5)
+        assert compiled.infeasible_fraction == tensor.infeasible_fraction
+    assert 0.0 < compiled.converged_fraction < 1.0
+    assert 0.0 < compiled.infeasible_fraction < 1.0

@@ -72,7 +72,7 @@ _TILE_BYTES = 2**18
 # ------------------------------------------------------------------------------------ kernel
 
 
-def _knn_kernel(
+def paper_knn_kernel(
     graph: CostGraph, epsilon: float, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kNN lists (V, k1) as int32 when V fits and exp(-C/eps) on them (V, k1) in float32.
@@ -141,7 +141,7 @@ def support_kernel(
     T = -(-n // tw)
     # int32 keys sort about 1.5x faster than int64 ones
     itype = torch.int32 if T * tw * n < 2**31 else torch.int64
-    knn, w = _knn_kernel(graph, epsilon, device)
+    knn, w = paper_knn_kernel(graph, epsilon, device)
     k1 = knn.shape[1]
     slot = torch.full((graph.num_tokens,), -1, dtype=itype, device=device)
     slot[support] = torch.arange(n - 1, dtype=itype, device=device)
@@ -416,6 +416,42 @@ class LocalProblems:
     outside: torch.Tensor  # (P,) bool: the batch support has tokens outside this position's
 
 
+def _support_neighbours(graph: CostGraph, support: torch.Tensor, knn: torch.Tensor) -> torch.Tensor:
+    """(Ns, k1): the support slot of every kNN neighbour of the support tokens, Ns (a sentinel)
+    when the neighbour is outside the support."""
+    Ns = support.numel()
+    slot = torch.full((graph.num_tokens,), Ns, dtype=torch.int32, device=support.device)
+    slot[support] = torch.arange(Ns, dtype=torch.int32, device=support.device)
+    return slot.index_select(0, knn.index_select(0, support).view(-1)).view(Ns, knn.shape[1])
+
+
+def first_row_sums(
+    graph: CostGraph, support: torch.Tensor, ids: torch.Tensor, own: torch.Tensor, epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the per-position problems take from the batch support (``local_problems``): the
+    first u-update's K 1 per slot (P, S + 1), and whether the batch support has tokens outside
+    the position (P,)."""
+    device = ids.device
+    P, S = ids.shape
+    knn, w = paper_knn_kernel(graph, epsilon, device)
+    Ns = support.numel()
+    nb = _support_neighbours(graph, support, knn)
+    inside = nb < Ns
+    # Row sums of the batch-support kernel: 1 (diagonal) + every in-support edge once. A mutual
+    # edge is found from both ends and counted at its source only, with the value from the
+    # source's own kNN list, as ``support_kernel`` keeps it. Dense masked sums over the
+    # (Ns, k1) lists: no list of the (mostly present) edges is built.
+    w_s = w.index_select(0, support)
+    one_way = inside & ~_mutual(graph, device).index_select(0, support)
+    rowsum = torch.ones(Ns + 1, dtype=torch.float32, device=device)
+    rowsum[:Ns] += torch.where(inside, w_s, 0.0).sum(1)
+    rowsum.index_add_(0, nb.view(-1), torch.where(one_way, w_s, 0.0).view(-1))
+    bslot = torch.searchsorted(support, ids).clamp_max(max(Ns - 1, 0))  # valid where ``own``
+    first_rowsum = torch.ones(P, S + 1, dtype=torch.float32, device=device)
+    first_rowsum[:, :S] = torch.where(own, rowsum[bslot], first_rowsum[:, :S])
+    return first_rowsum, own.sum(1) < Ns
+
+
 def local_problems(
     graph: CostGraph,
     support: torch.Tensor,
@@ -440,28 +476,14 @@ def local_problems(
     device = ids.device
     P, S = ids.shape
     m = S + 1
-    knn, w = _knn_kernel(graph, epsilon, device)
+    first_rowsum, outside = first_row_sums(graph, support, ids, own, epsilon)
+    knn, w = paper_knn_kernel(graph, epsilon, device)
     k1 = knn.shape[1]
     Ns = support.numel()
-    # Slot of every kNN neighbour of the support tokens, Ns (a sentinel) when outside.
-    slot = torch.full((graph.num_tokens,), Ns, dtype=torch.int32, device=device)
-    slot[support] = torch.arange(Ns, dtype=torch.int32, device=device)
-    nb = slot.index_select(0, knn.index_select(0, support).view(-1)).view(Ns, k1)
-    inside = nb < Ns
-    # Row sums of the batch-support kernel: 1 (diagonal) + every in-support edge once. A mutual
-    # edge is found from both ends and counted at its source only, with the value from the
-    # source's own kNN list, as ``support_kernel`` keeps it. Dense masked sums over the
-    # (Ns, k1) lists: no list of the (mostly present) edges is built.
-    w_s = w.index_select(0, support)
-    one_way = inside & ~_mutual(graph, device).index_select(0, support)
-    rowsum = torch.ones(Ns + 1, dtype=torch.float32, device=device)
-    rowsum[:Ns] += torch.where(inside, w_s, 0.0).sum(1)
-    rowsum.index_add_(0, nb.view(-1), torch.where(one_way, w_s, 0.0).view(-1))
+    nb = _support_neighbours(graph, support, knn)
     bslot = torch.searchsorted(support, ids).clamp_max(max(Ns - 1, 0))  # valid where ``own``
-    first_rowsum = torch.ones(P, m, dtype=torch.float32, device=device)
-    first_rowsum[:, :S] = torch.where(own, rowsum[bslot], first_rowsum[:, :S])
-    outside = own.sum(1) < Ns
-    # Rows of ``nb`` for each slot: its token's neighbours, or all-sentinel for empty slots.
+    # Rows of ``nb`` (the slot of every kNN neighbour of the support tokens, Ns when outside)
+    # for each slot: its token's neighbours, or all-sentinel for empty slots.
     nbx = torch.cat([nb, torch.full((1, k1), Ns, dtype=nb.dtype, device=device)])
     rows = torch.where(own, bslot, Ns)
     ltype = torch.int16 if S < 2**15 else torch.int32

@@ -18,14 +18,16 @@ import torch
 from wprctl.errors import UserError
 from wprctl.ot.graph import CostGraph, check_epsilon
 from wprctl.ot.paper import (
+    first_row_sums,
     local_problems,
+    paper_knn_kernel,
     paper_sinkhorn,
     paper_sinkhorn_local,
     paper_support,
     support_kernel,
     tile_columns,
 )
-from wprctl.ot.threads import single_threaded_when
+from wprctl.ot.threads import backend_threads, single_thread, single_threaded_when
 from wprctl.ot.topk import TopKPair, check_logits, compress_topk
 from wprctl.ot.wellposed import support_edges, wellposed_solve
 
@@ -213,6 +215,7 @@ def _paper_topk(
     eos_id: int,
     return_value: bool,
     per_position: bool | None = None,
+    backend: str = "auto",
 ) -> WPRResult:
     """``per_position``: solve one small problem per position (None: when it is less work)."""
     mask = pair.mask
@@ -227,7 +230,9 @@ def _paper_topk(
     if per_position is None:
         per_position = P > 1 and Ns >= 2 * ids.shape[1]
     if per_position:
-        return _paper_local(pair, support, graph, epsilon, max_iter, tol, gauge, return_value)
+        return _paper_local(
+            pair, support, graph, epsilon, max_iter, tol, gauge, return_value, backend
+        )
     a_sub = torch.zeros(P, Ns, dtype=torch.float32, device=ids.device)
     b_sub = torch.zeros_like(a_sub)
     rows = torch.searchsorted(support, ids)
@@ -241,7 +246,6 @@ def _paper_topk(
     )  # fmt: skip
 
 
-@single_threaded_when(lambda pair, support, *_: pair.indices.device.type == "cpu")
 def _paper_local(
     pair: TopKPair,
     support: torch.Tensor,
@@ -251,34 +255,52 @@ def _paper_local(
     tol: float,
     gauge: str,
     return_value: bool,
+    backend: str = "auto",
 ) -> WPRResult:
-    """``_paper_topk`` as one small problem per position (``paper.local_problems``)."""
-    mask = pair.mask
-    ids, valid = pair.indices[mask], pair.valid[mask]
-    actions = pair.actions[mask]
-    P, S = ids.shape
-    Ns = support.numel()
-    # the slots with mass: valid ids of the batch support (not the pad id, unless it is eos)
-    at = torch.searchsorted(support, ids).clamp_max(Ns - 1)
-    own = valid & (support[at] == ids)
-    lp = local_problems(graph, support, ids, own, epsilon)
-    a = torch.zeros(P, S + 1, dtype=torch.float32, device=ids.device)
-    b = torch.zeros_like(a)
-    a[:, :S] = torch.where(own, pair.logp[mask].exp(), a[:, :S])
-    b[:, :S] = torch.where(own, pair.logq[mask].exp(), b[:, :S])
-    a[:, S] = (1.0 - a[:, :S].sum(1)).clamp_min(0.0)
-    b[:, S] = (1.0 - b[:, :S].sum(1)).clamp_min(0.0)
-    # the action's slot; -1 if it is a batch-support token without a slot here; else the dust
-    slot = torch.searchsorted(ids, actions.unsqueeze(1)).squeeze(1).clamp_max(S - 1)
-    has_slot = own.gather(1, slot.unsqueeze(1)).squeeze(1)
-    has_slot &= ids.gather(1, slot.unsqueeze(1)).squeeze(1) == actions
-    col = torch.searchsorted(support, actions).clamp_max(max(Ns - 1, 0))
-    in_support = support[col] == actions
-    rows = torch.where(has_slot, slot, torch.where(in_support, -1, S))
-    out = paper_sinkhorn_local(
-        lp, a, b, rows, epsilon, max_iter, tol, centered=gauge == "centered", value=return_value
-    )
-    return _paper_finish(mask, out, gauge, return_value, Ns)
+    """``_paper_topk`` as one small problem per position (``paper.local_problems``): compiled
+    (``paper_cpu``, on the caller's threads) or as tensor code, see ``backend_threads``."""
+    threads = backend_threads(backend, pair.indices.device)
+    with single_thread(pair.indices.device.type == "cpu"):  # the tensor ops here are small
+        mask = pair.mask
+        ids, valid = pair.indices[mask], pair.valid[mask]
+        actions = pair.actions[mask]
+        P, S = ids.shape
+        Ns = support.numel()
+        # the slots with mass: valid ids of the batch support (not the pad id, unless it is eos)
+        at = torch.searchsorted(support, ids).clamp_max(Ns - 1)
+        own = valid & (support[at] == ids)
+        a = torch.zeros(P, S + 1, dtype=torch.float32, device=ids.device)
+        b = torch.zeros_like(a)
+        a[:, :S] = torch.where(own, pair.logp[mask].exp(), a[:, :S])
+        b[:, :S] = torch.where(own, pair.logq[mask].exp(), b[:, :S])
+        a[:, S] = (1.0 - a[:, :S].sum(1)).clamp_min(0.0)
+        b[:, S] = (1.0 - b[:, :S].sum(1)).clamp_min(0.0)
+        # the action's slot; -1 if it is a batch-support token without a slot here; else the dust
+        slot = torch.searchsorted(ids, actions.unsqueeze(1)).squeeze(1).clamp_max(S - 1)
+        has_slot = own.gather(1, slot.unsqueeze(1)).squeeze(1)
+        has_slot &= ids.gather(1, slot.unsqueeze(1)).squeeze(1) == actions
+        col = torch.searchsorted(support, actions).clamp_max(max(Ns - 1, 0))
+        in_support = support[col] == actions
+        rows = torch.where(has_slot, slot, torch.where(in_support, -1, S))
+        if threads > 0:
+            from wprctl.ot.paper_cpu import paper_local_cpu
+
+            first_rowsum, outside = first_row_sums(graph, support, ids, own, epsilon)
+            knn, w = paper_knn_kernel(graph, epsilon, ids.device)
+            arrays = (ids, own, a, b, first_rowsum, outside, rows, knn, w)
+            out = {
+                k: torch.from_numpy(v)
+                for k, v in paper_local_cpu(
+                    *(x.contiguous().numpy() for x in arrays), epsilon, max_iter, tol, threads
+                ).items()
+            }
+        else:
+            lp = local_problems(graph, support, ids, own, epsilon)
+            out = paper_sinkhorn_local(
+                lp, a, b, rows, epsilon, max_iter, tol, centered=gauge == "centered",
+                value=return_value,
+            )  # fmt: skip
+        return _paper_finish(mask, out, gauge, return_value, Ns)
 
 
 # ------------------------------------------------------------------------------------ wellposed
@@ -439,15 +461,18 @@ def wpr_potentials_topk(
     """WPR penalty from the compressed form (see ``compress_topk``); same result fields.
 
     ``paper`` here differs from the full-logit path in one way: a batch-support token outside a
-    position's own top-k2 has mass 0 instead of its (small) true mass. ``backend`` (wellposed
-    only): ``auto``, ``compiled`` or ``torch``, see ``wellposed.wellposed_solve``.
+    position's own top-k2 has mass 0 instead of its (small) true mass. ``backend``: ``auto``,
+    ``compiled`` or ``torch``, see ``threads.backend_threads``.
     """
     if not isinstance(pair, TopKPair):
         raise UserError(f"WPR: expected a TopKPair from compress_topk, got {type(pair).__name__}")
     _check_common(graph, epsilon, max_iter, tol, gauge, method, pair.vocab_size)
     if method == "paper":
         graph.check_underflow(epsilon, torch.float32)
-        return _paper_topk(pair, graph, epsilon, max_iter, tol, gauge, pad_id, eos_id, return_value)
+        return _paper_topk(
+            pair, graph, epsilon, max_iter, tol, gauge, pad_id, eos_id, return_value,
+            backend=backend,
+        )  # fmt: skip
     if not dust_scale > 0 or not math.isfinite(dust_scale):
         raise UserError(f"WPR: dust_scale must be a finite number > 0, got {dust_scale!r}")
     if not reservoir > 1 or not math.isfinite(reservoir):

@@ -45,6 +45,19 @@ def set_compiled_threads(n: int | None) -> None:
     _local.compiled = n
 
 
+def backend_threads(backend: str, device: torch.device) -> int:
+    """Threads for a solver's compiled CPU code, 0 for its tensor code.
+
+    ``backend``: ``compiled`` (CPU tensors only), ``torch`` (any device), or ``auto`` (compiled on
+    the CPU). The compiled code runs on ``compiled_threads()``: one parallel launch with one
+    barrier, not thousands of small ops each with its own (see ``single_thread``)."""
+    if backend not in ("auto", "compiled", "torch"):
+        raise ValueError(f"backend must be auto, compiled or torch, not {backend!r}")
+    if backend == "compiled" and device.type != "cpu":
+        raise ValueError("the compiled solvers run on CPU tensors only")
+    return compiled_threads() if backend != "torch" and device.type == "cpu" else 0
+
+
 def single_thread(enabled: bool = True) -> AbstractContextManager[None]:
     """Run the block with one intra-op thread (when ``enabled``), restoring the count after.
 

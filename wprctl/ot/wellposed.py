@@ -137,7 +137,7 @@ from dataclasses import dataclass
 import torch
 
 from wprctl.ot.graph import CostGraph
-from wprctl.ot.threads import compiled_threads, single_thread
+from wprctl.ot.threads import backend_threads, single_thread
 
 
 def support_edges(
@@ -155,14 +155,14 @@ def support_edges(
     device = ids.device
     g = graph.on(device)
     knn, knn_cost = g["knn"], g["knn_cost"]
-    if _compiled_threads(backend, device) > 0:
+    if backend_threads(backend, device) > 0:
         from wprctl.ot.wellposed_cpu import support_edges_cpu
 
         if "knn_int32" not in g:  # half the memory traffic of the (V, k1) row reads
             g["knn_int32"] = knn.to(torch.int32).contiguous()
         ptr, ei, ej, c = support_edges_cpu(
             ids.contiguous().numpy(), valid.contiguous().numpy(), g["knn_int32"].numpy(),
-            knn_cost.contiguous().numpy(), _compiled_threads(backend, device),
+            knn_cost.contiguous().numpy(), backend_threads(backend, device),
         )  # fmt: skip
         ep = torch.repeat_interleave(torch.arange(P), torch.from_numpy(ptr).diff())
         return ep, torch.from_numpy(ei), torch.from_numpy(ej), torch.from_numpy(c)
@@ -195,19 +195,6 @@ def support_edges(
     first[1:] = key[1:] != key[:-1]
     key, c = key[first], c[order[first]]
     return key // (S * S), (key // S) % S, key % S, c
-
-
-def _compiled_threads(backend: str, device: torch.device) -> int:
-    """Threads for the compiled CPU code, 0 for the batched tensor code (see ``wellposed_solve``).
-
-    The compiled code uses the caller's intra-op thread count (or its ``set_compiled_threads``):
-    it is one parallel launch with one barrier, not thousands of small ops each with its own
-    (see threads.py)."""
-    if backend not in ("auto", "compiled", "torch"):
-        raise ValueError(f"backend must be auto, compiled or torch, not {backend!r}")
-    if backend == "compiled" and device.type != "cpu":
-        raise ValueError("the compiled wellposed backend runs on CPU tensors only")
-    return compiled_threads() if backend != "torch" and device.type == "cpu" else 0
 
 
 def _gather(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -507,7 +494,7 @@ def wellposed_solve(
     ``torch`` runs the batched tensor version (any device); ``auto`` picks ``compiled`` on the CPU.
     """
     cpu = la.device.type == "cpu"
-    threads = _compiled_threads(backend, la.device)
+    threads = backend_threads(backend, la.device)
     flushed = torch.set_flush_denormal(True)  # subnormal exp() results slow the CPU down a lot
     try:
         with single_thread(cpu):

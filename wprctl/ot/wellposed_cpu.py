@@ -16,29 +16,15 @@ torch, and the same guards make the same non-finite values harmless.
 from __future__ import annotations
 
 import math
-import os
-import threading
 
-import numba
 import numpy as np
-from numba import get_num_threads, njit, prange, set_num_threads
+from numba import njit, prange
 
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    # numba would pick its OpenMP layer: a second OpenMP runtime beside PyTorch's, whose threads
-    # spin after every launch on cores the caller's other threads need (measured in PPO: the
-    # generation, forward and training phases ran 1.5x slower). The workqueue layer's threads
-    # sleep when idle.
-    numba.config.THREADING_LAYER = "workqueue"
+from wprctl.ot.compiled import OPTS as _OPTS
+from wprctl.ot.compiled import launch
 
-# cache: compiled once per machine (~25 s), loaded from __pycache__ after; nogil: PPO calls the
-# solver on a worker thread while its main thread runs Python (values, reward score), which would
-# otherwise wait for the whole solve; no fastmath: the guards rely on inf and NaN behaving as IEEE
-# says
-_OPTS = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)
 _TINY = np.finfo(np.float64).tiny
 _RIDGE = 1e-10  # the preconditioner's relative ridge (``wellposed._Precond``)
-# one parallel launch at a time: numba's default threading layer does not take concurrent ones
-_LAUNCH = threading.Lock()
 
 
 @njit(**_OPTS)
@@ -504,21 +490,6 @@ def _solve_into(la, lb, laD, lbD, lam, ptr, ei, ej, ce, lam_r, log_rho, F, G, H,
     out[p, 0], out[p, 1], out[p, 2], out[p, 3] = it, err, conv, cg
 
 
-def _launch(parallel, serial, threads: int, n: int, *args) -> None:
-    """``parallel(*args)`` on ``threads`` threads, or ``serial(*args)`` for one thread or one
-    item (no thread pool is touched then: PPO's worker thread runs with one)."""
-    if threads <= 1 or n < 2:
-        serial(*args)
-        return
-    with _LAUNCH:
-        before = get_num_threads()
-        set_num_threads(max(1, min(threads, before)))
-        try:
-            parallel(*args)
-        finally:
-            set_num_threads(before)
-
-
 def solve_stage(
     la: np.ndarray,
     lb: np.ndarray,
@@ -547,7 +518,7 @@ def solve_stage(
     out = np.zeros((la.shape[0], 4))
     settings = np.array([max_iter, tol, max_cg, cap, damp], dtype=np.float64)
     args = (la, lb, laD, lbD, lam, ptr, ei, ej, ce, lam_r, log_rho, F, G, H, settings, out)
-    _launch(_solve_parallel, _solve_serial, threads, la.shape[0], *args)
+    launch(_solve_parallel, _solve_serial, threads, la.shape[0], *args)
     return out
 
 
@@ -643,7 +614,7 @@ def support_edges_cpu(
     slab_i, slab_j = np.empty((P, cap), dtype=np.int64), np.empty((P, cap), dtype=np.int64)
     slab_c = np.empty((P, cap), dtype=knn_cost.dtype)
     args = (ids, valid, knn, knn_cost, chunks, slab_i, slab_j, slab_c, counts)
-    _launch(_edges_parallel, _edges_serial, threads, P, *args)
+    launch(_edges_parallel, _edges_serial, threads, P, *args)
     ptr = np.zeros(P + 1, dtype=np.int64)
     np.cumsum(counts, out=ptr[1:])
     E = int(ptr[-1])

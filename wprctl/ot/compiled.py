@@ -1,0 +1,48 @@
+"""What the compiled (numba) CPU solvers share: compile options, threading layer, launching.
+
+``wellposed_cpu`` and ``paper_cpu`` run one position per loop turn, the positions spread over a
+thread pool. Their results do not depend on the thread count: a position's arithmetic is the
+same whichever thread runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numba
+from numba import get_num_threads, set_num_threads
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    # numba would pick its OpenMP layer: a second OpenMP runtime beside PyTorch's, whose threads
+    # spin after every launch on cores the caller's other threads need (measured in PPO: the
+    # generation, forward and training phases ran 1.5x slower). The workqueue layer's threads
+    # sleep when idle.
+    numba.config.THREADING_LAYER = "workqueue"
+
+# cache: compiled once per machine (~25 s for the wellposed solver), loaded from __pycache__
+# after; nogil: PPO calls the solvers on a worker thread while its main thread runs Python
+# (values, reward score), which would otherwise wait for the whole solve; no fastmath: the guards
+# rely on inf and NaN behaving as IEEE says
+OPTS: dict[str, Any] = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)
+
+# one parallel launch at a time: the workqueue layer does not take concurrent ones
+_LAUNCH = threading.Lock()
+
+
+def launch(parallel: Callable[..., Any], serial: Callable[..., Any], threads: int, n: int,
+           *args: Any) -> None:  # fmt: skip
+    """``parallel(*args)`` on ``threads`` threads, or ``serial(*args)`` for one thread or one
+    item (no thread pool is touched then)."""
+    if threads <= 1 or n < 2:
+        serial(*args)
+        return
+    with _LAUNCH:
+        before = get_num_threads()
+        set_num_threads(max(1, min(threads, before)))
+        try:
+            parallel(*args)
+        finally:
+            set_num_threads(before)

@@ -1,0 +1,239 @@
+"""The ``paper`` method's per-position problems compiled for the CPU.
+
+``paper.local_problems`` + ``paper.paper_sinkhorn_local`` for one position per loop turn, the
+positions spread over threads (``wprctl.ot.compiled``): the position's kernel on its own tokens
+(its kNN edges among them, both directions, a row's own kNN value first, 1 on the diagonal, the
+dust bin only on its diagonal), then the official float32 iteration from u = v = 1, with the
+batch support entering through the first u-update's row sums (``paper.first_row_sums``). The
+tensor version builds one block-diagonal CSR kernel for all positions with sorts and searches
+over every candidate edge; here a position's few edges are found with a slot map and its
+problem stays in cache. All arithmetic is float32 as in the official code (float64 for the OT
+value, as in the tensor version); sums run in another order, so results agree to float32
+rounding (tests/test_ot_paper.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from wprctl.ot.compiled import OPTS, launch
+
+_TINY = np.float32(1e-16)  # paper._TINY
+_SLACK = np.float32(1e-6)  # paper._SLACK
+
+
+@njit(**OPTS)
+def _edge_candidates(ids, own, knn, w, slot, count, cand, cval, fill):
+    """Every live kNN edge among the own tokens, as an entry of both its rows: counted into
+    ``count`` (fill False), or written at ``count`` (the next free place of each row)."""
+    for i in range(ids.shape[0]):
+        if not own[i]:
+            continue
+        t = ids[i]
+        for r in range(knn.shape[1]):
+            j = slot[knn[t, r]]
+            if j >= 0 and w[t, r] > 0:
+                if fill:
+                    cand[count[i]], cval[count[i]] = j * 2, w[t, r]
+                    cand[count[j]], cval[count[j]] = i * 2 + 1, w[t, r]
+                count[i] += 1
+                count[j] += 1
+
+
+@njit(**OPTS)
+def _kernel(ids, own, knn, w, slot, cand, cval, count, indptr, cols, vals):
+    """The position's CSR kernel over m = S + 1 slots into indptr (m + 1), cols, vals; returns
+    its number of entries. ``slot`` (V,) is all -1 on entry and on return."""
+    S = ids.shape[0]
+    m = S + 1
+    for i in range(S):
+        if own[i]:
+            slot[ids[i]] = i
+    # candidates per row, bucketed by a counting sort: the diagonal and every live edge found
+    # from either end, as col * 2 + direction (0: from the row's own kNN list, which wins)
+    count[:] = 1  # the diagonal
+    _edge_candidates(ids, own, knn, w, slot, count, cand, cval, False)
+    indptr[0] = 0
+    for i in range(m):
+        indptr[i + 1] = indptr[i] + count[i]
+        cand[indptr[i]] = i * 2
+        cval[indptr[i]] = 1.0
+        count[i] = indptr[i] + 1  # next free place in the row
+    _edge_candidates(ids, own, knn, w, slot, count, cand, cval, True)
+    for i in range(S):
+        if own[i]:
+            slot[ids[i]] = -1
+    # each row (a few entries): insertion sort, then one entry per column, the first
+    nnz = 0
+    for i in range(m):
+        lo, hi = indptr[i], indptr[i + 1]
+        for q in range(lo + 1, hi):
+            key, val = cand[q], cval[q]
+            r = q - 1
+            while r >= lo and cand[r] > key:
+                cand[r + 1], cval[r + 1] = cand[r], cval[r]
+                r -= 1
+            cand[r + 1], cval[r + 1] = key, val
+        indptr[i] = nnz
+        last = -1
+        for q in range(lo, hi):
+            col = cand[q] // 2
+            if col != last:
+                cols[nnz], vals[nnz] = col, cval[q]
+                nnz += 1
+                last = col
+    indptr[m] = nnz
+    return nnz
+
+
+@njit(**OPTS)
+def _matvec(indptr, cols, vals, x, out):
+    for i in range(indptr.shape[0] - 1):
+        s = np.float32(0.0)
+        for e in range(indptr[i], indptr[i + 1]):
+            s += vals[e] * x[cols[e]]
+        out[i] = s
+
+
+@njit(**OPTS)
+def _solve_position(a, b, first_rowsum, outside, action_row, indptr, cols, vals, own, eps,
+                    eps64, max_iter, tol, res, p):  # fmt: skip
+    """``paper_sinkhorn_local`` for one position; results into row p of ``res``."""
+    m = a.shape[0]
+    u = np.zeros(m, dtype=np.float32)
+    for i in range(m - 1):
+        if own[i]:
+            u[i] = 1.0
+    u[m - 1] = 1.0
+    v = u.copy()
+    den = np.empty(m, dtype=np.float32)
+    u_new = np.empty(m, dtype=np.float32)
+    it = 0
+    converged = False
+    while it < max_iter:
+        if it == 0:
+            den[:] = first_rowsum
+        else:
+            _matvec(indptr, cols, vals, v, den)
+        delta = np.float32(0.0)
+        for i in range(m):
+            u_new[i] = a[i] / (den[i] + _TINY)
+            delta = max(delta, abs(u_new[i] - u[i]))
+        if it == 0 and outside:  # the batch-support tokens outside the position: u 1 -> 0
+            delta = max(delta, np.float32(1.0))
+        _matvec(indptr, cols, vals, u_new, den)
+        for i in range(m):
+            v[i] = b[i] / (den[i] + _TINY)
+        u[:] = u_new
+        it += 1
+        if not delta > tol:
+            converged = True
+            break
+    _matvec(indptr, cols, vals, v, den)
+    err = np.float32(0.0)
+    for i in range(m):
+        err += abs(u[i] * den[i] - a[i])
+    at = u[action_row] if action_row >= 0 else np.float32(0.0)
+    f_mean = np.float32(0.0)
+    value = 0.0
+    for i in range(m):
+        f = np.log(u[i] + _TINY) * eps
+        g = np.log(v[i] + _TINY) * eps
+        f_mean += a[i] * f
+        value += float(a[i]) * float(f) + float(b[i]) * float(g)
+        if a[i] > 0:
+            value -= eps64 * float(a[i]) * np.log(float(a[i]))
+        if b[i] > 0:
+            value -= eps64 * float(b[i]) * np.log(float(b[i]))
+    # Hall's condition per slot: the mass adjacent to it on the other side must cover it
+    infeasible = abs(a[m - 1] - b[m - 1]) > _SLACK
+    for i in range(m - 1):
+        sa = np.float32(0.0)
+        sb = np.float32(0.0)
+        for e in range(indptr[i], indptr[i + 1]):
+            sa += a[cols[e]]
+            sb += b[cols[e]]
+        if sb + _SLACK < a[i] or sa + _SLACK < b[i]:
+            infeasible = True
+    res[p, 0] = it
+    res[p, 1] = converged
+    res[p, 2] = err
+    res[p, 3] = eps * np.log(at + _TINY)
+    res[p, 4] = f_mean
+    res[p, 5] = value
+    res[p, 6] = infeasible
+
+
+@njit(**OPTS)
+def _chunk(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, eps, max_iter, tol, lo, hi,
+           res):  # fmt: skip
+    eps64 = eps[1]
+    eps = np.float32(eps[0])
+    S = ids.shape[1]
+    m = S + 1
+    cap = m + 2 * S * knn.shape[1]
+    slot = np.full(knn.shape[0], -1, dtype=np.int32)
+    cand, cval = np.empty(cap, dtype=np.int64), np.empty(cap, dtype=np.float32)
+    count = np.empty(m, dtype=np.int64)
+    indptr, cols, vals = (
+        np.empty(m + 1, dtype=np.int64), np.empty(cap, dtype=np.int64),
+        np.empty(cap, dtype=np.float32),
+    )  # fmt: skip
+    for p in range(lo, hi):
+        _kernel(ids[p], own[p], knn, w, slot, cand, cval, count, indptr, cols, vals)
+        _solve_position(a[p], b[p], first_rowsum[p], outside[p], action_rows[p], indptr, cols,
+                        vals, own[p], eps, eps64, max_iter, tol, res, p)  # fmt: skip
+
+
+@njit(parallel=True, **OPTS)
+def _solve_parallel(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, eps, max_iter,
+                    tol, chunks, res):  # fmt: skip
+    for c in prange(chunks.shape[0] - 1):
+        _chunk(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, eps, max_iter, tol,
+               chunks[c], chunks[c + 1], res)  # fmt: skip
+
+
+@njit(**OPTS)
+def _solve_serial(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, eps, max_iter, tol,
+                  chunks, res):  # fmt: skip
+    _chunk(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, eps, max_iter, tol, 0,
+           ids.shape[0], res)  # fmt: skip
+
+
+def paper_local_cpu(
+    ids: np.ndarray,
+    own: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    first_rowsum: np.ndarray,
+    outside: np.ndarray,
+    action_rows: np.ndarray,
+    knn: np.ndarray,
+    w: np.ndarray,
+    epsilon: float,
+    max_iter: int,
+    tol: float,
+    threads: int,
+) -> dict[str, np.ndarray]:
+    """The outputs of ``paper_sinkhorn_local`` (``f_mean`` and ``value`` always) for P positions:
+    ``ids``, ``own`` (P, S); ``a``, ``b``, ``first_rowsum`` (P, S + 1) float32, the dust bin last;
+    ``outside``, ``action_rows`` (P,); ``knn`` (V, k1) int32 and ``w`` (V, k1) float32 from
+    ``paper.paper_knn_kernel``."""
+    P = ids.shape[0]
+    res = np.zeros((P, 7), dtype=np.float64)
+    chunks = np.linspace(0, P, max(1, min(P, 8 * max(1, threads))) + 1).astype(np.int64)
+    # eps as float64 (the OT value's entropy terms) and, inside, as float32 (the iteration)
+    eps = np.array([epsilon, epsilon], dtype=np.float64)
+    args = (ids, own, a, b, first_rowsum, outside, action_rows, knn, w, eps, int(max_iter),
+            np.float32(tol), chunks, res)  # fmt: skip
+    launch(_solve_parallel, _solve_serial, threads, P, *args)
+    return {
+        "iterations": res[:, 0].astype(np.int64),
+        "converged": res[:, 1] > 0,
+        "marginal_error": res[:, 2].astype(np.float32),
+        "f_action": res[:, 3].astype(np.float32),
+        "f_mean": res[:, 4].astype(np.float32),
+        "value": res[:, 5],
+        "infeasible": res[:, 6] > 0,
+    }
