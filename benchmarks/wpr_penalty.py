@@ -13,9 +13,10 @@ What is measured (printed with every figure):
   (full logits) includes the batch support, the kernel and the softmax gathers; ``wellposed``
   and ``paper`` on the TopKPair (PPO's path) include ``compress_topk`` and are the best of 3
   calls; the one-time per-graph caches (float32 kernel on the kNN lists, mutual-kNN flags,
-  int32 kNN lists) and the loading of the compiled ``wellposed`` solver (numba's on-disk cache;
-  the first compile takes ~25 s) happen in a warm-up call before the timing, as PPO pays them
-  once per run. ``wellposed`` runs its compiled CPU solver on the caller's 2 intra-op threads.
+  int32 kNN lists) and the loading of the compiled solvers (numba's on-disk cache;
+  the first compile takes ~35 s) happen in a warm-up call before the timing, as PPO pays them
+  once per run. ``wellposed`` and ``paper`` on the TopKPair run their compiled CPU solvers
+  (``wprctl.ot.wellposed_cpu``, ``paper_cpu``) on the caller's 2 intra-op threads.
 * the official ``sparse_sinkhorn_sequence_topk`` (``official_reimpl``: a line-by-line copy of
   the public code's cost: two full (B, T, V) softmax tensors, the kernel restricted to the
   support by a pass over all V * k1 entries of the full COO kernel, COO sparse.mm on transposed
