@@ -282,7 +282,8 @@ def _paper_local(
         col = torch.searchsorted(support, actions).clamp_max(max(Ns - 1, 0))
         in_support = support[col] == actions
         rows = torch.where(has_slot, slot, torch.where(in_support, -1, S))
-        if threads > 0:
+        # the compiled path keeps 2 S k1 edge candidates per running chunk (12 bytes each)
+        if threads > 0 and S * graph.knn.shape[1] <= 2**22:
             from wprctl.ot.paper_cpu import paper_local_cpu
 
             first_rowsum, outside = first_row_sums(graph, support, ids, own, epsilon)

@@ -139,6 +139,8 @@ import torch
 from wprctl.ot.graph import CostGraph
 from wprctl.ot.threads import backend_threads, single_thread
 
+_COMPILED_EDGES_MAX_SLOTS = 2048
+
 
 def support_edges(
     graph: CostGraph, ids: torch.Tensor, valid: torch.Tensor, backend: str = "auto"
@@ -155,7 +157,9 @@ def support_edges(
     device = ids.device
     g = graph.on(device)
     knn, knn_cost = g["knn"], g["knn_cost"]
-    if backend_threads(backend, device) > 0:
+    # the compiled builder dedupes on a dense S x S adjacency per running chunk (9 bytes an
+    # entry): fine for truncated supports, not for an untruncated large vocabulary
+    if backend_threads(backend, device) > 0 and S <= _COMPILED_EDGES_MAX_SLOTS:
         from wprctl.ot.wellposed_cpu import support_edges_cpu
 
         if "knn_int32" not in g:  # half the memory traffic of the (V, k1) row reads

@@ -606,9 +606,10 @@ def support_edges_cpu(
     """``wellposed.support_edges`` compiled: (ptr (P + 1,), i, j, cost), sorted by (p, i, j).
 
     One pass over the kNN lists: each position writes into a slab row of 8 edges per slot (a
-    support of top tokens has ~2); a position with more is computed again when flattening."""
+    support of top tokens has ~2; at most 64 MB of slabs in all); a position with more is
+    computed again when flattening."""
     P, S = ids.shape
-    cap = 8 * S
+    cap = max(1, min(8 * S, (64 * 2**20 // 24) // max(1, P)))
     chunks = np.linspace(0, P, max(1, min(P, 8 * max(1, threads))) + 1).astype(np.int64)
     counts = np.zeros(P, dtype=np.int64)
     slab_i, slab_j = np.empty((P, cap), dtype=np.int64), np.empty((P, cap), dtype=np.int64)
