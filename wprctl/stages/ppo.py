@@ -34,11 +34,13 @@ then joins. The result is bit-identical to running them one after the other:
   outnumber the cores libgomp cuts its spin-waiting short, so every one of the main thread's many
   small parallel ops (generation, forward, training) sleeps and wakes its threads: measured 1.6-2x
   slower on 2 cores. On a many-core CPU the regularizer thus gives up its intra-op parallelism,
-  except in the compiled ``wellposed`` solver (numba's own pool, whose threads sleep when idle),
-  which keeps the main thread's count (`set_compiled_threads`) and gives the same bits with any;
-* while the worker runs, the main thread computes values and score with one intra-op thread
-  fewer (on the CPU), so that its parallel ops do not wait at every barrier for a thread that the
-  worker displaced;
+  except in the compiled OT solvers (``wellposed``, and ``paper`` on the top-k path: numba's own
+  pool, whose threads sleep when idle), which keep the main thread's count
+  (`set_compiled_threads`) and give the same bits with any;
+* while the worker solves an OT problem (a regularizer on top-k distributions), the main thread
+  computes values and score with one intra-op thread fewer (on the CPU), so that its parallel
+  ops do not wait at every barrier for a thread that the worker displaced. For the per-token
+  regularizers (kl, fdiv) the worker's share is a few small ops and the main thread keeps all;
 * grad mode is per thread: the worker runs under `torch.no_grad()` like `experience`;
 * on CUDA the worker first selects this process's device; both threads issue to the device's
   default stream, so the worker's kernels are ordered after the forward passes that produced its
@@ -330,9 +332,10 @@ class PPORecipe:
         del actor_logits, ref_logits  # the worker drops them after the top-k compression
         try:
             t0 = time.time()
-            # the worker holds one core: on the CPU this thread takes the others, so that its
+            # an OT solve holds a core: on the CPU this thread takes the others, so that its
             # parallel ops do not wait at every barrier for a thread the worker displaced
-            with intra_op_threads(torch.get_num_threads() - 1, seq.device.type == "cpu"):
+            solving = seq.device.type == "cpu" and bool(self.reg.topk)
+            with intra_op_threads(torch.get_num_threads() - 1, solving):
                 values = token_values(self.critic, seq, attn, P) * mask
                 prompts_text = decode(self.tokenizer, prompt_ids, prompt_mask)
                 responses_text = decode(self.tokenizer, responses, mask)
