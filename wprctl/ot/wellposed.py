@@ -159,14 +159,15 @@ def support_edges(
     knn, knn_cost = g["knn"], g["knn_cost"]
     # the compiled builder dedupes on a dense S x S adjacency per running chunk (9 bytes an
     # entry): fine for truncated supports, not for an untruncated large vocabulary
-    if backend_threads(backend, device) > 0 and S <= _COMPILED_EDGES_MAX_SLOTS:
+    threads = backend_threads(backend, device)
+    if threads > 0 and S <= _COMPILED_EDGES_MAX_SLOTS:
         from wprctl.ot.wellposed_cpu import support_edges_cpu
 
         if "knn_int32" not in g:  # half the memory traffic of the (V, k1) row reads
             g["knn_int32"] = knn.to(torch.int32).contiguous()
         ptr, ei, ej, c = support_edges_cpu(
             ids.contiguous().numpy(), valid.contiguous().numpy(), g["knn_int32"].numpy(),
-            knn_cost.contiguous().numpy(), backend_threads(backend, device),
+            knn_cost.contiguous().numpy(), threads,
         )  # fmt: skip
         ep = torch.repeat_interleave(torch.arange(P), torch.from_numpy(ptr).diff())
         return ep, torch.from_numpy(ei), torch.from_numpy(ej), torch.from_numpy(c)
