@@ -311,3 +311,19 @@ def test_concurrent_builders_share_one_cache_file(tmp_path: Path) -> None:
     assert all(r == rows[0] for r in rows)
     assert [f.name for f in tmp_path.iterdir() if f.suffix != ".pt"] == []
     assert len(list(tmp_path.glob("*.pt"))) == 1
+
+
+def test_compression_skips_positions_outside_the_mask() -> None:
+    """The masked-out positions are not computed (a placeholder: the action alone, probability 1
+    under both); the others are bit for bit what an unmasked compression gives."""
+    _emb, logits, ref, actions = random_problem(V=200)
+    mask = torch.rand(actions.shape, generator=torch.Generator().manual_seed(3)) > 0.4
+    assert 0 < int(mask.sum()) < mask.numel()
+    part, whole = compress_topk(logits, ref, actions, 10, mask), compress_topk(logits, ref, actions, 10)
+    for name in ("indices", "logp", "logq", "valid", "tail_p", "tail_q", "tail_plogp", "tail_qlogq",
+                 "action_slot"):  # fmt: skip
+        assert torch.equal(getattr(part, name)[mask], getattr(whole, name)[mask]), name
+    out = ~mask
+    assert (part.indices[out] == actions[out].unsqueeze(-1)).all()
+    assert part.valid[out].sum(-1).eq(1).all() and (part.logp[out][:, 0] == 0).all()
+    assert (part.tail_p[out] == 0).all() and (part.action_slot[out] == 0).all()

@@ -106,3 +106,21 @@ def test_compiled_per_position_problems_equal_the_tensor_ones(gauge: str) -> Non
         assert compiled.infeasible_fraction == tensor.infeasible_fraction
     assert 0.0 < compiled.converged_fraction < 1.0
     assert 0.0 < compiled.infeasible_fraction < 1.0
+
+
+def test_reverse_live_flags_are_the_mutual_live_kernel_entries() -> None:
+    """``paper_reverse_live`` (which end of an edge supplies a kernel entry) against its
+    definition, at an epsilon where part of the kernel underflows to 0 in float32."""
+    emb, *_ = problem(V=150, B=1, T=1, seed=4)
+    graph = CostGraph.from_embeddings(emb, k=7)
+    eps = float(graph.knn_cost.to(torch.float32).median()) / 95  # exp(-C/eps) ~ 1e-41 at the median
+    knn, w = paper.paper_knn_kernel(graph, eps, torch.device("cpu"))
+    assert 0.2 < float((w == 0).float().mean()) < 0.8
+    flags = paper.paper_reverse_live(graph, eps, torch.device("cpu"))
+    for i in range(knn.shape[0]):
+        for c in range(knn.shape[1]):
+            j = int(knn[i, c])
+            back = (knn[j] == i).nonzero()
+            expect = back.numel() == 1 and bool(w[j, int(back)] > 0)
+            assert bool(flags[i, c]) == expect, (i, c)
+    assert flags.any() and not flags.all()

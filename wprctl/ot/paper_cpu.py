@@ -6,8 +6,9 @@ positions spread over threads (``wprctl.ot.compiled``): the position's kernel on
 dust bin only on its diagonal), then the official float32 iteration from u = v = 1, with the
 batch support entering through the first u-update's row sums (``paper.first_row_sums``). The
 tensor version builds one block-diagonal CSR kernel for all positions with sorts and searches
-over every candidate edge; here a position's few edges are found with a slot map and its
-problem stays in cache. All arithmetic is float32 as in the official code (float64 for the OT
+over every candidate edge; here a position's edges are found with a slot map, each entry once
+(``paper.paper_reverse_live`` says which end of a mutual edge supplies it), so no sort or
+dedupe, and its problem stays in cache. All arithmetic is float32 as in the official code (float64 for the OT
 value, as in the tensor version); sums run in another order, so results agree to float32
 rounding (tests/test_ot_paper.py).
 """
@@ -24,9 +25,11 @@ _SLACK = np.float32(1e-6)  # paper._SLACK
 
 
 @njit(**OPTS)
-def _edge_candidates(ids, own, knn, w, slot, count, cand, cval, fill):
-    """Every live kNN edge among the own tokens, as an entry of both its rows: counted into
-    ``count`` (fill False), or written at ``count`` (the next free place of each row)."""
+def _edges(ids, own, knn, w, back_live, slot, count, cols, vals, fill):
+    """Every live kNN edge among the own tokens, found from its source i's list: an entry of row
+    i, and of row j too unless j's own list holds it live (``paper.paper_reverse_live``), so
+    each kernel entry comes once, from the row's own list when it can. Counted into ``count``
+    (fill False) or written at ``count``, the next free place of each row."""
     for i in range(ids.shape[0]):
         if not own[i]:
             continue
@@ -35,56 +38,35 @@ def _edge_candidates(ids, own, knn, w, slot, count, cand, cval, fill):
             j = slot[knn[t, r]]
             if j >= 0 and w[t, r] > 0:
                 if fill:
-                    cand[count[i]], cval[count[i]] = j * 2, w[t, r]
-                    cand[count[j]], cval[count[j]] = i * 2 + 1, w[t, r]
+                    cols[count[i]], vals[count[i]] = j, w[t, r]
                 count[i] += 1
-                count[j] += 1
+                if not back_live[t, r]:
+                    if fill:
+                        cols[count[j]], vals[count[j]] = i, w[t, r]
+                    count[j] += 1
 
 
 @njit(**OPTS)
-def _kernel(ids, own, knn, w, slot, cand, cval, count, indptr, cols, vals):
-    """The position's CSR kernel over m = S + 1 slots into indptr (m + 1), cols, vals; returns
-    its number of entries. ``slot`` (V,) is all -1 on entry and on return."""
+def _kernel(ids, own, knn, w, back_live, slot, count, indptr, cols, vals):
+    """The position's CSR kernel over m = S + 1 slots into indptr (m + 1), cols, vals (each row:
+    the diagonal 1 first, then its edges unsorted). ``slot`` (V,) is all -1 on entry and on
+    return."""
     S = ids.shape[0]
     m = S + 1
     for i in range(S):
         if own[i]:
             slot[ids[i]] = i
-    # candidates per row, bucketed by a counting sort: the diagonal and every live edge found
-    # from either end, as col * 2 + direction (0: from the row's own kNN list, which wins)
     count[:] = 1  # the diagonal
-    _edge_candidates(ids, own, knn, w, slot, count, cand, cval, False)
+    _edges(ids, own, knn, w, back_live, slot, count, cols, vals, False)
     indptr[0] = 0
     for i in range(m):
         indptr[i + 1] = indptr[i] + count[i]
-        cand[indptr[i]] = i * 2
-        cval[indptr[i]] = 1.0
-        count[i] = indptr[i] + 1  # next free place in the row
-    _edge_candidates(ids, own, knn, w, slot, count, cand, cval, True)
+        cols[indptr[i]], vals[indptr[i]] = i, 1.0
+        count[i] = indptr[i] + 1
+    _edges(ids, own, knn, w, back_live, slot, count, cols, vals, True)
     for i in range(S):
         if own[i]:
             slot[ids[i]] = -1
-    # each row (a few entries): insertion sort, then one entry per column, the first
-    nnz = 0
-    for i in range(m):
-        lo, hi = indptr[i], indptr[i + 1]
-        for q in range(lo + 1, hi):
-            key, val = cand[q], cval[q]
-            r = q - 1
-            while r >= lo and cand[r] > key:
-                cand[r + 1], cval[r + 1] = cand[r], cval[r]
-                r -= 1
-            cand[r + 1], cval[r + 1] = key, val
-        indptr[i] = nnz
-        last = -1
-        for q in range(lo, hi):
-            col = cand[q] // 2
-            if col != last:
-                cols[nnz], vals[nnz] = col, cval[q]
-                nnz += 1
-                last = col
-    indptr[m] = nnz
-    return nnz
 
 
 @njit(**OPTS)
@@ -166,39 +148,36 @@ def _solve_position(a, b, first_rowsum, outside, action_row, indptr, cols, vals,
 
 
 @njit(**OPTS)
-def _chunk(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, eps, max_iter, tol, lo, hi,
-           res):  # fmt: skip
+def _chunk(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, back_live, eps, max_iter,
+           tol, lo, hi, res):  # fmt: skip
     eps64 = eps[1]
     eps = np.float32(eps[0])
     S = ids.shape[1]
     m = S + 1
     cap = m + 2 * S * knn.shape[1]
     slot = np.full(knn.shape[0], -1, dtype=np.int32)
-    cand, cval = np.empty(cap, dtype=np.int64), np.empty(cap, dtype=np.float32)
     count = np.empty(m, dtype=np.int64)
-    indptr, cols, vals = (
-        np.empty(m + 1, dtype=np.int64), np.empty(cap, dtype=np.int64),
-        np.empty(cap, dtype=np.float32),
-    )  # fmt: skip
+    indptr = np.empty(m + 1, dtype=np.int64)
+    cols, vals = np.empty(cap, dtype=np.int32), np.empty(cap, dtype=np.float32)
     for p in range(lo, hi):
-        _kernel(ids[p], own[p], knn, w, slot, cand, cval, count, indptr, cols, vals)
+        _kernel(ids[p], own[p], knn, w, back_live, slot, count, indptr, cols, vals)
         _solve_position(a[p], b[p], first_rowsum[p], outside[p], action_rows[p], indptr, cols,
                         vals, own[p], eps, eps64, max_iter, tol, res, p)  # fmt: skip
 
 
 @njit(parallel=True, **OPTS)
-def _solve_parallel(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, eps, max_iter,
-                    tol, chunks, res):  # fmt: skip
+def _solve_parallel(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, back_live, eps,
+                    max_iter, tol, chunks, res):  # fmt: skip
     for c in prange(chunks.shape[0] - 1):
-        _chunk(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, eps, max_iter, tol,
-               chunks[c], chunks[c + 1], res)  # fmt: skip
+        _chunk(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, back_live, eps,
+               max_iter, tol, chunks[c], chunks[c + 1], res)  # fmt: skip
 
 
 @njit(**OPTS)
-def _solve_serial(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, eps, max_iter, tol,
-                  chunks, res):  # fmt: skip
-    _chunk(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, eps, max_iter, tol, 0,
-           ids.shape[0], res)  # fmt: skip
+def _solve_serial(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, back_live, eps,
+                  max_iter, tol, chunks, res):  # fmt: skip
+    _chunk(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, back_live, eps, max_iter,
+           tol, 0, ids.shape[0], res)  # fmt: skip
 
 
 def paper_local_cpu(
@@ -211,6 +190,7 @@ def paper_local_cpu(
     action_rows: np.ndarray,
     knn: np.ndarray,
     w: np.ndarray,
+    back_live: np.ndarray,
     epsilon: float,
     max_iter: int,
     tol: float,
@@ -219,13 +199,13 @@ def paper_local_cpu(
     """The outputs of ``paper_sinkhorn_local`` (``f_mean`` and ``value`` always) for P positions:
     ``ids``, ``own`` (P, S); ``a``, ``b``, ``first_rowsum`` (P, S + 1) float32, the dust bin last;
     ``outside``, ``action_rows`` (P,); ``knn`` (V, k1) int32 and ``w`` (V, k1) float32 from
-    ``paper.paper_knn_kernel``."""
+    ``paper.paper_knn_kernel``, ``back_live`` (V, k1) bool from ``paper.paper_reverse_live``."""
     P = ids.shape[0]
     res = np.zeros((P, 7), dtype=np.float64)
     chunks = np.linspace(0, P, max(1, min(P, 8 * max(1, threads))) + 1).astype(np.int64)
     # eps as float64 (the OT value's entropy terms) and, inside, as float32 (the iteration)
     eps = np.array([epsilon, epsilon], dtype=np.float64)
-    args = (ids, own, a, b, first_rowsum, outside, action_rows, knn, w, eps, int(max_iter),
+    args = (ids, own, a, b, first_rowsum, outside, action_rows, knn, w, back_live, eps, int(max_iter),
             np.float32(tol), chunks, res)  # fmt: skip
     launch(_solve_parallel, _solve_serial, threads, P, *args)
     return {

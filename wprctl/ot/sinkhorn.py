@@ -21,6 +21,7 @@ from wprctl.ot.paper import (
     first_row_sums,
     local_problems,
     paper_knn_kernel,
+    paper_reverse_live,
     paper_sinkhorn,
     paper_sinkhorn_local,
     paper_support,
@@ -282,13 +283,14 @@ def _paper_local(
         col = torch.searchsorted(support, actions).clamp_max(max(Ns - 1, 0))
         in_support = support[col] == actions
         rows = torch.where(has_slot, slot, torch.where(in_support, -1, S))
-        # the compiled path keeps 2 S k1 edge candidates per running chunk (12 bytes each)
+        # the compiled path keeps room for 2 S k1 kernel entries per running chunk (8 bytes each)
         if threads > 0 and S * graph.knn.shape[1] <= 2**22:
             from wprctl.ot.paper_cpu import paper_local_cpu
 
             first_rowsum, outside = first_row_sums(graph, support, ids, own, epsilon)
             knn, w = paper_knn_kernel(graph, epsilon, ids.device)
-            arrays = (ids, own, a, b, first_rowsum, outside, rows, knn, w)
+            back_live = paper_reverse_live(graph, epsilon, ids.device)
+            arrays = (ids, own, a, b, first_rowsum, outside, rows, knn, w, back_live)
             out = {
                 k: torch.from_numpy(v)
                 for k, v in paper_local_cpu(

@@ -164,7 +164,8 @@ def compress_topk(
     """Compress two (B, T, V) logit tensors to the per-position support top-k(a) U top-k(b) U {y}.
 
     With ``k >= V`` the support is the whole vocabulary (no truncation). Only O(k) values per
-    position are kept; the full softmax is computed one row block at a time.
+    position are kept; the full softmax is computed one row block at a time, for the positions
+    in ``mask`` only (the others get a placeholder, see below).
     """
     mask_b = check_logits(policy_logits, ref_logits, actions, mask)
     if not isinstance(k, int) or k < 1:
@@ -174,36 +175,42 @@ def compress_topk(
     actions = actions.long()
     full = k >= V
     S = V if full else 2 * k + 1
-    idx = torch.empty(B, T, S, dtype=torch.long, device=device)
-    logp = torch.empty(B, T, S, dtype=torch.float32, device=device)
-    logq = torch.empty_like(logp)
+    # Positions outside the mask (padding after an answer) are not computed: they hold the action
+    # alone, with probability 1 under both distributions, a placeholder no solver reads.
+    idx = actions.unsqueeze(-1).repeat(1, 1, S)
+    logp = torch.zeros(B, T, S, dtype=torch.float32, device=device)
+    logq = torch.zeros_like(logp)
     # whole-vocabulary sums a log a and b log b (the support's part is removed below)
-    sums = torch.empty(2, B * T, dtype=torch.float64, device=device)
+    sums = torch.zeros(2, B * T, dtype=torch.float64, device=device)
     flat_p, flat_q = policy_logits.reshape(B * T, V), ref_logits.reshape(B * T, V)
     flat_idx, flat_lp, flat_lq = idx.view(B * T, S), logp.view(B * T, S), logq.view(B * T, S)
     flat_y = actions.reshape(B * T, 1)
+    todo = mask_b.reshape(-1).nonzero().squeeze(1).to(device)
     # Rows per block so a block's float32 temporaries stay around 64 MB.
     block = max(1, (16 * 2**20) // V)
-    for lo in range(0, B * T, block):
-        hi = min(B * T, lo + block)
-        x, z = flat_p[lo:hi].float(), flat_q[lo:hi].float()
+    for lo in range(0, todo.numel(), block):
+        rows = todo[lo : lo + block]
+        x = flat_p.index_select(0, rows).float()
+        z = flat_q.index_select(0, rows).float()
         if full:
-            ids = torch.arange(V, device=device).expand(hi - lo, V)
+            ids = torch.arange(V, device=device).expand(rows.numel(), V)
             top_x = top_z = None
         else:
             # top-k of the logits = top-k of the log-probabilities; sorted, so column 0 is the max
             top_x = torch.topk(x, k, dim=-1).indices
             top_z = torch.topk(z, k, dim=-1).indices
-            ids = torch.cat([top_x, top_z, flat_y[lo:hi]], dim=-1).sort(dim=-1).values
+            ids = (
+                torch.cat([top_x, top_z, flat_y.index_select(0, rows)], dim=-1).sort(dim=-1).values
+            )
             top_x, top_z = top_x[:, :1], top_z[:, :1]
         for row, (t, top, out) in enumerate(((x, top_x, flat_lp), (z, top_z, flat_lq))):
             p, lse = _softmax_lse(t, top)
             # sum p log p = sum p (x - lse); sum p is 1 up to rounding, so it is kept
             dot = torch.bmm(p.unsqueeze(1), t.unsqueeze(2)).view(-1)
-            sums[row, lo:hi] = dot.double() - lse.double() * p.sum(-1).double()
-            out[lo:hi] = t.gather(1, ids) - lse.unsqueeze(1)
+            sums[row].index_copy_(0, rows, dot.double() - lse.double() * p.sum(-1).double())
+            out.index_copy_(0, rows, t.gather(1, ids) - lse.unsqueeze(1))
             del p
-        flat_idx[lo:hi] = ids
+        flat_idx.index_copy_(0, rows, ids)
     valid = torch.ones(B, T, S, dtype=torch.bool, device=device)
     valid[..., 1:] = idx[..., 1:] != idx[..., :-1]
     action_slot = torch.searchsorted(idx, actions.unsqueeze(-1).contiguous()).squeeze(-1)
