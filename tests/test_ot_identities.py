@@ -319,7 +319,10 @@ def test_compression_skips_positions_outside_the_mask() -> None:
     _emb, logits, ref, actions = random_problem(V=200)
     mask = torch.rand(actions.shape, generator=torch.Generator().manual_seed(3)) > 0.4
     assert 0 < int(mask.sum()) < mask.numel()
-    part, whole = compress_topk(logits, ref, actions, 10, mask), compress_topk(logits, ref, actions, 10)
+    part, whole = (
+        compress_topk(logits, ref, actions, 10, mask),
+        compress_topk(logits, ref, actions, 10),
+    )
     for name in ("indices", "logp", "logq", "valid", "tail_p", "tail_q", "tail_plogp", "tail_qlogq",
                  "action_slot"):  # fmt: skip
         assert torch.equal(getattr(part, name)[mask], getattr(whole, name)[mask]), name
