@@ -144,3 +144,24 @@ def test_compiled_edges_equal_batched_including_a_support_denser_than_the_slab()
     assert int((compiled[0] == 0).sum()) > 8 * 40  # the first position overflowed its slab row
     for c, b in zip(compiled, batched):
         assert torch.equal(c, b)
+
+
+def test_a_first_call_that_compiles_says_so(monkeypatch, capsys) -> None:
+    """The first use on a machine compiles for up to a minute: ``launch`` prints a notice when a
+    first call is still running after ``NOTICE_AFTER`` seconds, and never for a compiled one."""
+    from numba import njit
+
+    import wprctl.ot.compiled as compiled
+
+    @njit  # not cached: its first call compiles
+    def work(out):
+        for i in range(out.shape[0]):
+            out[i] = math.sqrt(i + 1.0)
+
+    out = np.zeros(4)
+    monkeypatch.setattr(compiled, "NOTICE_AFTER", 0.0)
+    compiled.launch(work, work, 1, 4, out)
+    assert "Compiling the CPU optimal-transport solvers" in capsys.readouterr().err
+    assert out[3] == 2.0
+    compiled.launch(work, work, 1, 4, out)
+    assert capsys.readouterr().err == ""

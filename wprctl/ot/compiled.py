@@ -15,6 +15,8 @@ from typing import Any
 import numba
 from numba import get_num_threads, set_num_threads
 
+from wprctl.console import err_console, is_main_process
+
 if "NUMBA_THREADING_LAYER" not in os.environ:
     # numba would pick its OpenMP layer: a second OpenMP runtime beside PyTorch's, whose threads
     # spin after every launch on cores the caller's other threads need (measured in PPO: the
@@ -31,18 +33,43 @@ OPTS: dict[str, Any] = dict(cache=True, nogil=True, error_model="numpy", fastmat
 # one parallel launch at a time: the workqueue layer does not take concurrent ones
 _LAUNCH = threading.Lock()
 
+# A first call that has not returned after this many seconds is compiling (a cache load takes
+# well under one): say so, rather than leave a command silent for half a minute.
+NOTICE_AFTER = 3.0
+
+
+def _compile_notice(fn: Any) -> threading.Timer | None:
+    """A timer that prints the compile notice, if ``fn`` has not been called in this process."""
+    if getattr(fn, "signatures", None) or not is_main_process():
+        return None
+    timer = threading.Timer(
+        NOTICE_AFTER,
+        err_console.print,
+        ("[dim]Compiling the CPU optimal-transport solvers (first use on this machine, up to a "
+         "minute; cached after) ...[/]",),
+    )  # fmt: skip
+    timer.daemon = True
+    timer.start()
+    return timer
+
 
 def launch(parallel: Callable[..., Any], serial: Callable[..., Any], threads: int, n: int,
            *args: Any) -> None:  # fmt: skip
     """``parallel(*args)`` on ``threads`` threads, or ``serial(*args)`` for one thread or one
     item (no thread pool is touched then)."""
-    if threads <= 1 or n < 2:
-        serial(*args)
-        return
-    with _LAUNCH:
-        before = get_num_threads()
-        set_num_threads(max(1, min(threads, before)))
-        try:
-            parallel(*args)
-        finally:
-            set_num_threads(before)
+    fn = serial if threads <= 1 or n < 2 else parallel
+    notice = _compile_notice(fn)
+    try:
+        if fn is serial:
+            serial(*args)
+            return
+        with _LAUNCH:
+            before = get_num_threads()
+            set_num_threads(max(1, min(threads, before)))
+            try:
+                parallel(*args)
+            finally:
+                set_num_threads(before)
+    finally:
+        if notice is not None:
+            notice.cancel()
