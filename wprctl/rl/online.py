@@ -1,9 +1,12 @@
 """What the online RL stages (PPO, DAR) share: prompt batches, the reward function named by the
-manifest, and the held-out evaluation whose figures `wprctl report` puts side by side."""
+manifest, the held-out evaluation whose figures `wprctl report` puts side by side, and the
+training loop around their steps (logging, evaluation, checkpoints, the run's record)."""
 
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,7 @@ from typing import Any
 import torch
 
 from wprctl import engine as eng
+from wprctl.console import console, is_main_process, make_progress
 from wprctl.errors import UserError
 from wprctl.manifest import Manifest
 from wprctl.models import tokenizer_for
@@ -24,7 +28,7 @@ from wprctl.rl.rollout import (
     join,
     response_logits,
 )
-from wprctl.runs import resolve_model_ref
+from wprctl.runs import MetricsLogger, RunDir, finish_run, resolve_model_ref
 from wprctl.scoring import token_logprobs
 from wprctl.stages.supervised import epoch_order, rank_slice, to_device
 
@@ -191,3 +195,89 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(eng.world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
+
+
+@dataclass
+class LoopSchedule:
+    """When the training loop logs, evaluates on held-out prompts and checkpoints (in steps)."""
+
+    total: int
+    log_every: int
+    eval_every: int
+    save_every: int
+
+
+# Figures the progress line shows when a step reports them, after reward and KL.
+_PROGRESS_EXTRAS = {"ess": ".2f", "gold": "+.3f"}
+
+
+def run_online_loop(
+    run: RunDir,
+    label: str,
+    step: int,
+    resuming: bool,
+    schedule: LoopSchedule,
+    one_step: Callable[[int], dict[str, float]],
+    evaluate: Callable[[], dict[str, float]],
+    save: Callable[[int], None],
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The loop PPO and DAR share, from ``step`` to ``schedule.total``.
+
+    ``one_step(s)`` runs step s (0-based) and returns its metrics row; ``save(s)`` checkpoints
+    after step s. Held-out evaluation before the first step (a resumed run keeps its own, and its
+    line in metrics.jsonl), every ``eval_every`` steps and after the last. Returns the held-out
+    metrics before and after.
+    """
+    logger = MetricsLogger(run, resume_from_step=step if resuming else None)
+    start_eval = run.state().get("start_eval") if resuming else None
+    if start_eval is None:
+        start_eval = evaluate()
+        logger.log(step, start_eval, prefix="eval/")
+        run.update_state(start_eval=start_eval)
+        if is_main_process():
+            console.print(f"{run.name}: held-out before {label}: " + format_metrics(start_eval))
+    total = schedule.total
+    with make_progress() as progress:
+        bar = progress.add_task(run.name, total=total, completed=step, info="")
+        while step < total:
+            row = one_step(step)
+            step += 1
+            if step % schedule.log_every == 0 or step == total:
+                logger.log(step, row, prefix="train/")
+            info = f"reward {row.get('reward', math.nan):+.3f} kl {row.get('kl_ref', math.nan):.3f}"
+            info += "".join(f" {k} {row[k]:{f}}" for k, f in _PROGRESS_EXTRAS.items() if k in row)
+            progress.update(bar, completed=step, info=info)
+            if step % schedule.eval_every == 0 and step != total:
+                logger.log(step, evaluate(), prefix="eval/")
+            if step % schedule.save_every == 0 and step != total:
+                save(step)
+    final = evaluate()
+    logger.log(step, final, prefix="eval/")
+    logger.close()
+    return start_eval, final
+
+
+def finish_online_run(
+    manifest: Manifest,
+    run: RunDir,
+    label: str,
+    start_eval: dict[str, float],
+    final: dict[str, float],
+    counted: tuple[str, int],
+    artifacts: dict[str, str],
+) -> dict[str, float]:
+    """Print the before/after figures and record the run; ``counted`` is (name, steps done)."""
+    if is_main_process():
+        console.print(
+            f"{run.name}: held-out after {label}: {format_metrics(final)}  "
+            f"(before: {format_metrics(start_eval)})\n  model: {run.model_dir}"
+        )
+    metrics = {f"eval/{k}": v for k, v in final.items()}
+    metrics.update({f"eval/{k}_start": v for k, v in start_eval.items()})
+    metrics[counted[0]] = float(counted[1])
+    finish_run(manifest, run, artifacts, metrics)
+    return metrics
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())

@@ -81,21 +81,24 @@ from typing import Any
 import torch
 
 from wprctl import engine as eng
-from wprctl.console import console, is_main_process, make_progress
+from wprctl.console import console
 from wprctl.manifest import Manifest
 from wprctl.models import load_causal_lm
 from wprctl.rl.dar_math import global_weights, sequence_logprobs, weighted_nll
 from wprctl.rl.online import (
+    LoopSchedule,
     all_gather_rows,
     build_reward_fn,
     close_reward_fn,
     evaluate_policy,
+    finish_online_run,
     gold_reward_fn,
     open_online_stage,
     prompt_batch,
+    run_online_loop,
 )
 from wprctl.rl.rollout import SamplingConfig, decode, generate, join, response_logits
-from wprctl.runs import MetricsLogger, RunDir, finish_run
+from wprctl.runs import RunDir
 from wprctl.scoring import token_logprobs
 
 
@@ -166,13 +169,16 @@ class DARRecipe:
             token_logprobs(response_logits(model, seq, attn, P), responses), mask
         )
 
-    def iterate(self, timers: dict[str, float]) -> dict[str, float]:
+    def iterate(self, iteration: int) -> dict[str, float]:
         """One DAR iteration on this process's prompts; returns its metrics (global where noted)."""
         cfg, K = self.cfg, self.cfg.samples_per_prompt
+        timers = dict.fromkeys(
+            ("time/generation", "time/reward", "time/forward", "time/training"), 0.0
+        )
         batch = prompt_batch(
             self.train_data,
             self.m.project.seed,
-            self.iteration,
+            iteration,
             cfg.batch_size,
             self.batches_per_epoch,
         )
@@ -260,64 +266,28 @@ class DARRecipe:
             gold=self.gold,
         )
 
+    def save(self, iteration: int) -> None:
+        eng.save_checkpoint(
+            {"actor": self.actor}, self.run.checkpoint_dir, iteration, {"stage": "dar"},
+            self.cfg.keep_last,
+        )  # fmt: skip
+
     def train(self) -> dict[str, float]:
         cfg = self.cfg
-        logger = MetricsLogger(self.run, resume_from_step=self.iteration if self.resuming else None)
-        # A resumed run keeps its first evaluation (and its line in metrics.jsonl).
-        start_eval = self.run.state().get("start_eval") if self.resuming else None
-        if start_eval is None:
-            start_eval = self.evaluate()
-            logger.log(self.iteration, start_eval, prefix="eval/")
-            self.run.update_state(start_eval=start_eval)
-            if is_main_process():
-                console.print(f"{self.run.name}: held-out before DAR: " + _fmt(start_eval))
-        with make_progress() as progress:
-            bar = progress.add_task(
-                self.run.name, total=self.total, completed=self.iteration, info=""
-            )
-            while self.iteration < self.total:
-                timers = dict.fromkeys(
-                    ("time/generation", "time/reward", "time/forward", "time/training"), 0.0
-                )
-                row = self.iterate(timers)
-                self.iteration += 1
-                if self.iteration % cfg.log_every == 0 or self.iteration == self.total:
-                    logger.log(self.iteration, row, prefix="train/")
-                info = f"reward {row['reward']:+.3f} kl {row['kl_ref']:.3f} ess {row['ess']:.2f}"
-                if "gold" in row:
-                    info += f" gold {row['gold']:+.3f}"
-                progress.update(bar, completed=self.iteration, info=info)
-                if self.iteration % cfg.eval_every == 0 and self.iteration != self.total:
-                    logger.log(self.iteration, self.evaluate(), prefix="eval/")
-                if self.iteration % cfg.save_every == 0 and self.iteration != self.total:
-                    eng.save_checkpoint(
-                        {"actor": self.actor},
-                        self.run.checkpoint_dir,
-                        self.iteration,
-                        {"stage": "dar"},
-                        cfg.keep_last,
-                    )
-        final = self.evaluate()
-        logger.log(self.iteration, final, prefix="eval/")
-        logger.close()
+        schedule = LoopSchedule(self.total, cfg.log_every, cfg.eval_every, cfg.save_every)
+        start_eval, final = run_online_loop(
+            self.run, "DAR", self.iteration, self.resuming, schedule, self.iterate,
+            self.evaluate, self.save,
+        )  # fmt: skip
+        self.iteration = self.total
         eng.export_hf(self.actor, self.run.model_dir, self.tokenizer)
-        if is_main_process():
-            console.print(
-                f"{self.run.name}: held-out after DAR: {_fmt(final)}  (before: {_fmt(start_eval)})"
-                f"\n  model: {self.run.model_dir}"
-            )
-        metrics = {f"eval/{k}": v for k, v in final.items()}
-        metrics.update({f"eval/{k}_start": v for k, v in start_eval.items()})
-        metrics["iterations"] = float(self.iteration)
-        finish_run(self.m, self.run, {"model": str(self.run.model_dir)}, metrics)
-        return metrics
+        return finish_online_run(
+            self.m, self.run, "DAR", start_eval, final, ("iterations", self.iteration),
+            {"model": str(self.run.model_dir)},
+        )  # fmt: skip
 
     def close(self) -> None:
         close_reward_fn(getattr(self, "reward_fn", None))
-
-
-def _fmt(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
 def run(manifest: Manifest, run: RunDir, resuming: bool) -> dict[str, float]:

@@ -74,18 +74,21 @@ from typing import Any
 import torch
 
 from wprctl import engine as eng
-from wprctl.console import console, is_main_process, make_progress
+from wprctl.console import console
 from wprctl.manifest import Manifest
 from wprctl.models import load_causal_lm, load_reward_model
 from wprctl.ot.threads import intra_op_threads, set_compiled_threads
 from wprctl.regularizers import BetaController, RegBatch, Regularizer, build_regularizer
 from wprctl.rl.online import (
+    LoopSchedule,
     build_reward_fn,
     close_reward_fn,
     evaluate_policy,
+    finish_online_run,
     gold_reward_fn,
     open_online_stage,
     prompt_batch,
+    run_online_loop,
 )
 from wprctl.rl.ppo_math import (
     entropy_from_logits,
@@ -103,7 +106,7 @@ from wprctl.rl.rollout import (
     response_logits,
     token_values,
 )
-from wprctl.runs import MetricsLogger, RunDir, finish_run, resolve_model_ref
+from wprctl.runs import RunDir, resolve_model_ref
 from wprctl.scoring import token_logprobs
 
 
@@ -433,84 +436,57 @@ class PPORecipe:
         )  # fmt: skip
 
     # ----------------------------------------------------------------------------------------
+    # the loop
+
+    def ppo_step(self, step: int) -> dict[str, float]:
+        """Experience from this step's prompt batches, then learning on it; returns the metrics."""
+        cfg = self.cfg
+        timers = dict.fromkeys(
+            ("time/generation", "time/forward", "time/regularizer", "time/regularizer_solve",
+             "time/reward", "time/training"),
+            0.0,
+        )  # fmt: skip
+        stats: dict[str, list[float]] = defaultdict(list)
+        experiences = [
+            e for b in self.prompt_batches(step) if (e := self.experience(b, timers, stats)) is not None
+        ]  # fmt: skip
+        exp = _concat(experiences, self.pad_id) if experiences else self.last_experience
+        t0 = time.time()
+        if exp is not None:
+            self.learn(exp, stats)
+            self.last_experience = exp
+        timers["time/training"] += time.time() - t0
+        self.beta.update(
+            _mean(stats["divergence"]), cfg.batch_size * cfg.generation_batches * self.world
+        )
+        row = {k: _mean(v) for k, v in stats.items() if v}
+        row = dict(zip(row, eng.all_reduce_sum(list(row.values())), strict=True))
+        row = {k: v / self.world for k, v in row.items()}
+        row.update({k: eng.all_reduce_sum([v])[0] / self.world for k, v in timers.items()})
+        row["beta"] = self.beta.value
+        row["lr"] = self.actor.get_lr()[0]
+        return row
+
+    def save(self, step: int) -> None:
+        eng.save_checkpoint(
+            {"actor": self.actor, "critic": self.critic}, self.run.checkpoint_dir, step,
+            {"beta": self.beta.state_dict()}, self.cfg.keep_last,
+        )  # fmt: skip
 
     def train(self) -> dict[str, float]:
         cfg = self.cfg
-        logger = MetricsLogger(self.run, resume_from_step=self.step if self.resuming else None)
-        start_eval = self.run.state().get("start_eval") if self.step else None
-        if start_eval is None:
-            start_eval = self.evaluate()
-            logger.log(self.step, start_eval, prefix="eval/")
-            self.run.update_state(start_eval=start_eval)
-            if is_main_process():
-                console.print(f"{self.run.name}: held-out before PPO: " + _fmt(start_eval))
-        with make_progress() as progress:
-            bar = progress.add_task(self.run.name, total=self.total, completed=self.step, info="")
-            while self.step < self.total:
-                timers = {
-                    "time/generation": 0.0,
-                    "time/forward": 0.0,
-                    "time/regularizer": 0.0,
-                    "time/regularizer_solve": 0.0,
-                    "time/reward": 0.0,
-                    "time/training": 0.0,
-                }
-                stats: dict[str, list[float]] = defaultdict(list)
-                experiences = [
-                    e
-                    for b in self.prompt_batches(self.step)
-                    if (e := self.experience(b, timers, stats)) is not None
-                ]
-                exp = _concat(experiences, self.pad_id) if experiences else self.last_experience
-                t0 = time.time()
-                if exp is not None:
-                    self.learn(exp, stats)
-                    self.last_experience = exp
-                timers["time/training"] += time.time() - t0
-                self.beta.update(
-                    _mean(stats["divergence"]), cfg.batch_size * cfg.generation_batches * self.world
-                )
-                self.step += 1
-                row = {k: _mean(v) for k, v in stats.items() if v}
-                row = dict(zip(row, eng.all_reduce_sum(list(row.values())), strict=True))
-                row = {k: v / self.world for k, v in row.items()}
-                row.update({k: eng.all_reduce_sum([v])[0] / self.world for k, v in timers.items()})
-                row["beta"] = self.beta.value
-                row["lr"] = self.actor.get_lr()[0]
-                if self.step % cfg.log_every == 0 or self.step == self.total:
-                    logger.log(self.step, row, prefix="train/")
-                info = f"reward {row.get('reward', float('nan')):+.3f} kl {row.get('kl_ref', float('nan')):.3f}"
-                if "gold" in row:
-                    info += f" gold {row['gold']:+.3f}"
-                progress.update(bar, completed=self.step, info=info)
-                if self.step % cfg.eval_every == 0 and self.step != self.total:
-                    logger.log(self.step, self.evaluate(), prefix="eval/")
-                if self.step % cfg.save_every == 0 and self.step != self.total:
-                    eng.save_checkpoint(
-                        {"actor": self.actor, "critic": self.critic}, self.run.checkpoint_dir, self.step,
-                        {"beta": self.beta.state_dict()}, cfg.keep_last,
-                    )  # fmt: skip
-        final = self.evaluate()
-        logger.log(self.step, final, prefix="eval/")
-        logger.close()
+        schedule = LoopSchedule(self.total, cfg.log_every, cfg.eval_every, cfg.save_every)
+        start_eval, final = run_online_loop(
+            self.run, "PPO", self.step, self.resuming, schedule, self.ppo_step, self.evaluate,
+            self.save,
+        )  # fmt: skip
+        self.step = self.total
         eng.export_hf(self.actor, self.run.model_dir, self.tokenizer)
         eng.export_hf(self.critic, self.run.root / "critic", self.tokenizer)
-        if is_main_process():
-            console.print(
-                f"{self.run.name}: held-out after PPO: "
-                + _fmt(final)
-                + f"  (before: {_fmt(start_eval)})\n  model: {self.run.model_dir}"
-            )
-        metrics = {f"eval/{k}": v for k, v in final.items()}
-        metrics.update({f"eval/{k}_start": v for k, v in start_eval.items()})
-        metrics["steps"] = float(self.step)
-        finish_run(
-            self.m,
-            self.run,
+        return finish_online_run(
+            self.m, self.run, "PPO", start_eval, final, ("steps", self.step),
             {"model": str(self.run.model_dir), "critic": str(self.run.root / "critic")},
-            metrics,
-        )
-        return metrics
+        )  # fmt: skip
 
     def close(self) -> None:
         worker = getattr(self, "reg_worker", None)
@@ -547,10 +523,6 @@ def _concat(exps: list[Experience], pad_id: int) -> Experience:
         *(torch.cat([pad_resp(e, getattr(e, name), name) for e in exps]) for name in
           ("responses", "mask", "old_logprobs", "ref_logprobs", "values", "advantages", "returns")),
     )  # fmt: skip
-
-
-def _fmt(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
 def run(manifest: Manifest, run: RunDir, resuming: bool) -> dict[str, float]:
