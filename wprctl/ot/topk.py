@@ -185,13 +185,20 @@ def compress_topk(
     flat_p, flat_q = policy_logits.reshape(B * T, V), ref_logits.reshape(B * T, V)
     flat_idx, flat_lp, flat_lq = idx.view(B * T, S), logp.view(B * T, S), logq.view(B * T, S)
     flat_y = actions.reshape(B * T, 1)
-    todo = mask_b.reshape(-1).nonzero().squeeze(1).to(device)
+    flat_mask = mask_b.reshape(-1)
+    # the rows to compute; None: all of them, read as views (a gather would copy (rows, V) twice)
+    todo = None if bool(flat_mask.all()) else flat_mask.nonzero().squeeze(1).to(device)
+    n = B * T if todo is None else todo.numel()
     # Rows per block so a block's float32 temporaries stay around 64 MB.
     block = max(1, (16 * 2**20) // V)
-    for lo in range(0, todo.numel(), block):
-        rows = todo[lo : lo + block]
-        x = flat_p.index_select(0, rows).float()
-        z = flat_q.index_select(0, rows).float()
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        if todo is None:
+            rows = torch.arange(lo, hi, device=device)
+            x, z = flat_p[lo:hi].float(), flat_q[lo:hi].float()
+        else:
+            rows = todo[lo:hi]
+            x, z = flat_p.index_select(0, rows).float(), flat_q.index_select(0, rows).float()
         if full:
             ids = torch.arange(V, device=device).expand(rows.numel(), V)
             top_x = top_z = None
