@@ -123,7 +123,7 @@ std. What was measured about it (k2 = 64, mean error in std units):
   i's kNN neighbours outside S of exp(-C_ij/eps)) gives n2000_cos 0.52 -> 0.40, n2000_l2
   0.38 -> 0.36, n512_l2 0.31 -> 0.22, but the 'noise' case n512_cos 0.26 -> 0.53; weighting each
   neighbour by sqrt of its share of the tail mass (the tail potentials of a near-identity kernel,
-  see "Tail correction" below) does about the same (0.42-0.48, 0.34-0.38, 0.25, 0.56); the plain
+  see "Tail correction" above) does about the same (0.42-0.48, 0.34-0.38, 0.25, 0.56); the plain
   minimum, mean or unnormalized soft-min are no better than the mean kNN cost used here.
 * Speed: the solver's 15-16 mean Newton steps at V = 32k are mostly the first 4-5, which travel
   from f = eps/2 log a to the level the dust sets; an exact start that ignores the in-support
