@@ -330,3 +330,24 @@ def test_compression_skips_positions_outside_the_mask() -> None:
     assert (part.indices[out] == actions[out].unsqueeze(-1)).all()
     assert part.valid[out].sum(-1).eq(1).all() and (part.logp[out][:, 0] == 0).all()
     assert (part.tail_p[out] == 0).all() and (part.action_slot[out] == 0).all()
+
+
+def test_compression_of_a_slice_of_longer_logits() -> None:
+    """PPO compresses the response positions of prompt + response logits, a (B, T, V) slice that
+    is not one (B * T, V) block: the same result as its contiguous copy, masked or not."""
+    _emb, logits, ref, actions = random_problem(V=200)
+    B, T, V = logits.shape
+    g = torch.Generator().manual_seed(4)
+    longer = [torch.randn(B, T + 5, V, generator=g) for _ in range(2)]
+    for x, full_x in zip((logits, ref), longer, strict=True):
+        full_x[:, 4:-1] = x
+    pol, rf = longer[0][:, 4:-1], longer[1][:, 4:-1]
+    assert not pol.is_contiguous()
+    mask = torch.rand(B, T, generator=g) > 0.3
+    for m in (None, mask):
+        got, want = (
+            compress_topk(pol, rf, actions, 10, m),
+            compress_topk(logits, ref, actions, 10, m),
+        )
+        for name in ("indices", "logp", "logq", "valid", "tail_p", "tail_q", "tail_plogp"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name

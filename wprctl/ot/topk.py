@@ -154,6 +154,21 @@ def _tail_sums(
     return torch.where(torch.isfinite(out), out, lumped)
 
 
+def _block_rows(x: torch.Tensor, rows: torch.Tensor, span: tuple[int, int] | None) -> torch.Tensor:
+    """Rows ``rows`` (flat b * T + t) of the (B, T, V) ``x`` as (n, V), copying no other row.
+
+    ``span`` (lo, hi): the rows are lo..hi-1, so a view serves when ``x`` is one (B * T, V)
+    block. A slice of longer logits (PPO's response positions of prompt + response logits) is
+    not: ``reshape`` would copy all B * T rows at once, and a gather copies just this block's.
+    """
+    B, T, V = x.shape
+    try:
+        flat = x.view(B * T, V)
+    except RuntimeError:
+        return x[rows // T, rows % T]
+    return flat[span[0] : span[1]] if span is not None else flat.index_select(0, rows)
+
+
 def compress_topk(
     policy_logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -182,23 +197,19 @@ def compress_topk(
     logq = torch.zeros_like(logp)
     # whole-vocabulary sums a log a and b log b (the support's part is removed below)
     sums = torch.zeros(2, B * T, dtype=torch.float64, device=device)
-    flat_p, flat_q = policy_logits.reshape(B * T, V), ref_logits.reshape(B * T, V)
     flat_idx, flat_lp, flat_lq = idx.view(B * T, S), logp.view(B * T, S), logq.view(B * T, S)
     flat_y = actions.reshape(B * T, 1)
     flat_mask = mask_b.reshape(-1)
-    # the rows to compute; None: all of them, read as views (a gather would copy (rows, V) twice)
+    # the rows to compute; None: all of them (read as views where the layout allows)
     todo = None if bool(flat_mask.all()) else flat_mask.nonzero().squeeze(1).to(device)
     n = B * T if todo is None else todo.numel()
     # Rows per block so a block's float32 temporaries stay around 64 MB.
     block = max(1, (16 * 2**20) // V)
     for lo in range(0, n, block):
         hi = min(n, lo + block)
-        if todo is None:
-            rows = torch.arange(lo, hi, device=device)
-            x, z = flat_p[lo:hi].float(), flat_q[lo:hi].float()
-        else:
-            rows = todo[lo:hi]
-            x, z = flat_p.index_select(0, rows).float(), flat_q.index_select(0, rows).float()
+        rows = torch.arange(lo, hi, device=device) if todo is None else todo[lo:hi]
+        x = _block_rows(policy_logits, rows, None if todo is not None else (lo, hi)).float()
+        z = _block_rows(ref_logits, rows, None if todo is not None else (lo, hi)).float()
         if full:
             ids = torch.arange(V, device=device).expand(rows.numel(), V)
             top_x = top_z = None
