@@ -13,6 +13,7 @@ import torch
 import wprctl.ot.paper as paper
 from wprctl.ot import CostGraph, compress_topk, wpr_potentials, wpr_potentials_topk
 from wprctl.ot.sinkhorn import WPRResult, _paper_topk
+from wprctl.ot.wellposed import support_edges
 
 
 def problem(V: int, B: int, T: int, seed: int, scale: float = 0.3):
@@ -88,16 +89,25 @@ def test_topk_per_position_problems_equal_the_batch_support_problem(
 
 
 @pytest.mark.parametrize("gauge", ["raw", "centered"])
-def test_compiled_per_position_problems_equal_the_tensor_ones(gauge: str) -> None:
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_compiled_per_position_problems_equal_the_tensor_ones(gauge: str, layout: str) -> None:
     """``paper_cpu`` (the CPU's per-position path) against ``local_problems`` +
-    ``paper_sinkhorn_local`` (the tensor path, as on CUDA), on a small vocabulary where each
-    position's tokens have many kNN edges among them (rows of ~10 entries)."""
-    emb, logits, ref, actions, mask = problem(V=300, B=4, T=20, seed=2)
+    ``paper_sinkhorn_local`` (the tensor path, as on CUDA): where each position's ~20 tokens have
+    many kNN edges among them (~7 per row: the compiled path iterates on a dense kernel), and
+    where they have few (~2 per row: a CSR kernel)."""
+    V, k1 = (200, 64) if layout == "dense" else (300, 24)
+    emb, logits, ref, actions, mask = problem(V=V, B=4, T=20, seed=2)
     actions[0, :3] = 0  # the pad id: outside the support (dust bin)
     ref[2] = logits[2]  # a = b: feasible (the truncated problems of the others are not)
-    graph = CostGraph.from_embeddings(emb, k=24)
+    graph = CostGraph.from_embeddings(emb, k=k1)
     eps = graph.median_knn_cost() / 5
     pair = compress_topk(logits, ref, actions, 16, mask)
+    # which kernel layout the compiled path picks per position (m^2 <= 4 nnz: dense)
+    ids, valid = pair.indices[pair.mask], pair.valid[pair.mask]
+    m = valid.sum(1) + 1
+    nnz = m + torch.bincount(support_edges(graph, ids, valid)[0], minlength=len(m))
+    dense = m * m <= 4 * nnz
+    assert bool(dense.all()) if layout == "dense" else not bool(dense.any())
     for max_iter, tol in ((10, 1e-6), (60, 5e-2)):
         kw = dict(epsilon=eps, max_iter=max_iter, tol=tol, gauge=gauge, return_value=True)
         compiled = wpr_potentials_topk(pair, graph, method="paper", backend="compiled", **kw)

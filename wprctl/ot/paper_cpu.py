@@ -25,53 +25,81 @@ _SLACK = np.float32(1e-6)  # paper._SLACK
 
 
 @njit(**OPTS)
-def _edges(ids, own, knn, w, back_live, slot, count, cols, vals, fill):
-    """Every live kNN edge among the own tokens, found from its source i's list: an entry of row
-    i, and of row j too unless j's own list holds it live (``paper.paper_reverse_live``), so
-    each kernel entry comes once, from the row's own list when it can. Counted into ``count``
-    (fill False) or written at ``count``, the next free place of each row."""
-    for i in range(ids.shape[0]):
-        if not own[i]:
-            continue
-        t = ids[i]
+def _edges(tok, knn, w, back_live, slot, count, cols, vals, fill, dense):
+    """Every live kNN edge among the position's tokens ``tok`` (row i = token tok[i]), found from
+    its source's list: an entry of row i, and of row j too unless j's own list holds it live
+    (``paper.paper_reverse_live``), so each kernel entry comes once, from the row's own list
+    when it can. Counted into ``count`` (fill False), or written: at ``count``, the next free
+    place of each CSR row, or into the transposed dense kernel ``dense`` (dense[j, i] = K_ij)
+    when it has rows."""
+    for i in range(tok.shape[0]):
+        t = tok[i]
         for r in range(knn.shape[1]):
             j = slot[knn[t, r]]
             if j >= 0 and w[t, r] > 0:
-                if fill:
+                if fill and dense.shape[0]:
+                    dense[j, i] = w[t, r]
+                elif fill:
                     cols[count[i]], vals[count[i]] = j, w[t, r]
                 count[i] += 1
                 if not back_live[t, r]:
-                    if fill:
+                    if fill and dense.shape[0]:
+                        dense[i, j] = w[t, r]
+                    elif fill:
                         cols[count[j]], vals[count[j]] = i, w[t, r]
                     count[j] += 1
 
 
 @njit(**OPTS)
-def _kernel(ids, own, knn, w, back_live, slot, count, indptr, cols, vals):
-    """The position's CSR kernel over m = S + 1 slots into indptr (m + 1), cols, vals (each row:
-    the diagonal 1 first, then its edges unsorted). ``slot`` (V,) is all -1 on entry and on
-    return."""
-    S = ids.shape[0]
-    m = S + 1
-    for i in range(S):
-        if own[i]:
-            slot[ids[i]] = i
-    count[:] = 1  # the diagonal
-    _edges(ids, own, knn, w, back_live, slot, count, cols, vals, False)
-    indptr[0] = 0
+def _kernel(tok, knn, w, back_live, slot, count, indptr, cols, vals, dense_buf):
+    """The position's kernel over m = n + 1 rows (its n tokens ``tok``, then the dust bin, which
+    only has its diagonal 1): as CSR into indptr (m + 1), cols, vals (each row: the diagonal
+    first, then its edges unsorted), or, when that is no more work (m^2 <= 4 nnz) and fits the
+    flat ``dense_buf``, as the transposed dense (m, m) matrix, returned (else an empty one). ``slot``
+    (V,) is all -1 on entry and on return."""
+    n = tok.shape[0]
+    m = n + 1
+    for i in range(n):
+        slot[tok[i]] = i
+    count[:m] = 1  # the diagonal
+    none = dense_buf[:0].reshape((0, 0))
+    _edges(tok, knn, w, back_live, slot, count, cols, vals, False, none)
+    nnz = 0
     for i in range(m):
-        indptr[i + 1] = indptr[i] + count[i]
-        cols[indptr[i]], vals[indptr[i]] = i, 1.0
-        count[i] = indptr[i] + 1
-    _edges(ids, own, knn, w, back_live, slot, count, cols, vals, True)
-    for i in range(S):
-        if own[i]:
-            slot[ids[i]] = -1
+        nnz += count[i]
+    dense = none
+    if m * m <= dense_buf.shape[0] and m * m <= 4 * nnz:
+        # C-contiguous (a 2-D slice of a larger matrix would not be, and would not vectorize)
+        dense = dense_buf[: m * m].reshape((m, m))
+        dense[:, :] = 0.0
+        for i in range(m):
+            dense[i, i] = 1.0
+    else:
+        indptr[0] = 0
+        for i in range(m):
+            indptr[i + 1] = indptr[i] + count[i]
+            cols[indptr[i]], vals[indptr[i]] = i, 1.0
+            count[i] = indptr[i] + 1
+    _edges(tok, knn, w, back_live, slot, count, cols, vals, True, dense)
+    for i in range(n):
+        slot[tok[i]] = -1
+    return dense
 
 
 @njit(**OPTS)
-def _matvec(indptr, cols, vals, x, out):
-    for i in range(indptr.shape[0] - 1):
+def _matvec(indptr, cols, vals, dense, x, out):
+    """out = K x, K as ``_kernel`` left it (dense when ``dense`` has rows, else CSR)."""
+    m = x.shape[0]
+    if dense.shape[0]:
+        # row by row of the transpose: the inner loop has no reduction, so it vectorizes
+        out[:] = 0.0
+        for j in range(m):
+            xj = x[j]
+            if xj != 0.0:
+                for i in range(m):
+                    out[i] += dense[j, i] * xj
+        return
+    for i in range(m):
         s = np.float32(0.0)
         for e in range(indptr[i], indptr[i + 1]):
             s += vals[e] * x[cols[e]]
@@ -79,15 +107,13 @@ def _matvec(indptr, cols, vals, x, out):
 
 
 @njit(**OPTS)
-def _solve_position(a, b, first_rowsum, outside, action_row, indptr, cols, vals, own, eps,
+def _solve_position(a, b, first_rowsum, outside, action_row, indptr, cols, vals, dense, eps,
                     eps64, max_iter, tol, res, p):  # fmt: skip
-    """``paper_sinkhorn_local`` for one position; results into row p of ``res``."""
+    """``paper_sinkhorn_local`` for one position on its own tokens and dust bin (m rows, the
+    dust last; the slots without mass are left out: their u and v stay exactly 0 and add
+    nothing); results into row p of ``res``."""
     m = a.shape[0]
-    u = np.zeros(m, dtype=np.float32)
-    for i in range(m - 1):
-        if own[i]:
-            u[i] = 1.0
-    u[m - 1] = 1.0
+    u = np.ones(m, dtype=np.float32)
     v = u.copy()
     den = np.empty(m, dtype=np.float32)
     u_new = np.empty(m, dtype=np.float32)
@@ -97,14 +123,14 @@ def _solve_position(a, b, first_rowsum, outside, action_row, indptr, cols, vals,
         if it == 0:
             den[:] = first_rowsum
         else:
-            _matvec(indptr, cols, vals, v, den)
+            _matvec(indptr, cols, vals, dense, v, den)
         delta = np.float32(0.0)
         for i in range(m):
             u_new[i] = a[i] / (den[i] + _TINY)
             delta = max(delta, abs(u_new[i] - u[i]))
         if it == 0 and outside:  # the batch-support tokens outside the position: u 1 -> 0
             delta = max(delta, np.float32(1.0))
-        _matvec(indptr, cols, vals, u_new, den)
+        _matvec(indptr, cols, vals, dense, u_new, den)
         for i in range(m):
             v[i] = b[i] / (den[i] + _TINY)
         u[:] = u_new
@@ -112,7 +138,7 @@ def _solve_position(a, b, first_rowsum, outside, action_row, indptr, cols, vals,
         if not delta > tol:
             converged = True
             break
-    _matvec(indptr, cols, vals, v, den)
+    _matvec(indptr, cols, vals, dense, v, den)
     err = np.float32(0.0)
     for i in range(m):
         err += abs(u[i] * den[i] - a[i])
@@ -130,13 +156,25 @@ def _solve_position(a, b, first_rowsum, outside, action_row, indptr, cols, vals,
             value -= eps64 * float(b[i]) * np.log(float(b[i]))
     # Hall's condition per slot: the mass adjacent to it on the other side must cover it
     infeasible = abs(a[m - 1] - b[m - 1]) > _SLACK
+    sa, sb = u_new, den  # (free now) the masses adjacent to each row
+    if dense.shape[0]:
+        sa[:] = 0.0
+        sb[:] = 0.0
+        for j in range(m):  # row by row of the transpose, as in _matvec
+            aj, bj = a[j], b[j]
+            for i in range(m):
+                if dense[j, i] > 0:
+                    sa[i] += aj
+                    sb[i] += bj
+    else:
+        for i in range(m):
+            sa[i] = 0.0
+            sb[i] = 0.0
+            for e in range(indptr[i], indptr[i + 1]):
+                sa[i] += a[cols[e]]
+                sb[i] += b[cols[e]]
     for i in range(m - 1):
-        sa = np.float32(0.0)
-        sb = np.float32(0.0)
-        for e in range(indptr[i], indptr[i + 1]):
-            sa += a[cols[e]]
-            sb += b[cols[e]]
-        if sb + _SLACK < a[i] or sa + _SLACK < b[i]:
+        if sb[i] + _SLACK < a[i] or sa[i] + _SLACK < b[i]:
             infeasible = True
     res[p, 0] = it
     res[p, 1] = converged
@@ -145,6 +183,10 @@ def _solve_position(a, b, first_rowsum, outside, action_row, indptr, cols, vals,
     res[p, 4] = f_mean
     res[p, 5] = value
     res[p, 6] = infeasible
+
+
+# the largest dense kernel (rows) a position may use: 256 x 256 float32 is 256 KB per thread
+_DENSE_MAX = 256
 
 
 @njit(**OPTS)
@@ -159,10 +201,25 @@ def _chunk(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, back_live
     count = np.empty(m, dtype=np.int64)
     indptr = np.empty(m + 1, dtype=np.int64)
     cols, vals = np.empty(cap, dtype=np.int32), np.empty(cap, dtype=np.float32)
+    dense_buf = np.empty(min(m, _DENSE_MAX) ** 2, dtype=np.float32)
+    tok = np.empty(S, dtype=ids.dtype)
+    ac, bc, fc = np.empty(m, np.float32), np.empty(m, np.float32), np.empty(m, np.float32)
     for p in range(lo, hi):
-        _kernel(ids[p], own[p], knn, w, back_live, slot, count, indptr, cols, vals)
-        _solve_position(a[p], b[p], first_rowsum[p], outside[p], action_rows[p], indptr, cols,
-                        vals, own[p], eps, eps64, max_iter, tol, res, p)  # fmt: skip
+        # the position's own slots, compacted, then its dust bin
+        n = 0
+        row = -1
+        for i in range(S):
+            if own[p, i]:
+                if i == action_rows[p]:
+                    row = n
+                tok[n], ac[n], bc[n], fc[n] = ids[p, i], a[p, i], b[p, i], first_rowsum[p, i]
+                n += 1
+        ac[n], bc[n], fc[n] = a[p, S], b[p, S], first_rowsum[p, S]
+        if action_rows[p] == S:
+            row = n
+        dense = _kernel(tok[:n], knn, w, back_live, slot, count, indptr, cols, vals, dense_buf)
+        _solve_position(ac[: n + 1], bc[: n + 1], fc[: n + 1], outside[p], row, indptr, cols,
+                        vals, dense, eps, eps64, max_iter, tol, res, p)  # fmt: skip
 
 
 @njit(parallel=True, **OPTS)
