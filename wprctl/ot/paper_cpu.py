@@ -4,13 +4,22 @@
 positions spread over threads (``wprctl.ot.compiled``): the position's kernel on its own tokens
 (its kNN edges among them, both directions, a row's own kNN value first, 1 on the diagonal, the
 dust bin only on its diagonal), then the official float32 iteration from u = v = 1, with the
-batch support entering through the first u-update's row sums (``paper.first_row_sums``). The
-tensor version builds one block-diagonal CSR kernel for all positions with sorts and searches
-over every candidate edge; here a position's edges are found with a slot map, each entry once
-(``paper.paper_reverse_live`` says which end of a mutual edge supplies it), so no sort or
-dedupe, and its problem stays in cache. All arithmetic is float32 as in the official code (float64 for the OT
-value, as in the tensor version); sums run in another order, so results agree to float32
-rounding (tests/test_ot_paper.py).
+batch support entering through the first u-update's row sums (``paper.first_row_sums``).
+
+The tensor version builds one block-diagonal CSR kernel for all positions with sorts and
+searches over every candidate edge. Here:
+
+* a position's edges are found with a slot map, each entry once (``paper.paper_reverse_live``
+  says which end of a mutual edge supplies it), so there is no sort or dedupe;
+* the problem is compacted to the slots with mass (the others stay exactly 0);
+* the kernel is a CSR matrix, or a dense one when that is no more work (m^2 <= 4 nnz: a small
+  vocabulary's top-k tokens are each other's neighbours, ~20 entries per row on the demo), whose
+  matvec vectorizes;
+* the position's problem stays in cache.
+
+All arithmetic is float32 as in the official code (float64 for the OT value, as in the tensor
+version); sums run in another order, so results agree to float32 rounding
+(tests/test_ot_paper.py).
 """
 
 from __future__ import annotations
