@@ -20,7 +20,10 @@ from wprctl.errors import UserError
 
 @dataclass
 class TopKPair:
-    """Per-position support (sorted token ids; duplicates flagged invalid) with both log-probs."""
+    """Per-position support (sorted token ids; duplicates flagged invalid) with both log-probs.
+
+    Positions outside ``mask`` are not computed: they hold a placeholder, the action alone with
+    probability 1 under both distributions, which no solver reads."""
 
     indices: torch.Tensor  # (B, T, S) int64 token ids, sorted per position
     logp: torch.Tensor  # (B, T, S) float32 policy log-probabilities

@@ -223,8 +223,8 @@ def run_online_loop(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """The loop PPO and DAR share, from ``step`` to ``schedule.total``.
 
-    ``one_step(s)`` runs step s (0-based) and returns its metrics row; ``save(s)`` checkpoints
-    after step s. Held-out evaluation before the first step (a resumed run keeps its own, and its
+    ``one_step(s)`` runs step s (0-based) and returns its metrics row; ``save(n)`` checkpoints
+    the run after n steps. Held-out evaluation before the first step (a resumed run keeps its own, and its
     line in metrics.jsonl), every ``eval_every`` steps and after the last. Returns the held-out
     metrics before and after.
     """
