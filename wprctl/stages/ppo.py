@@ -459,10 +459,10 @@ class PPORecipe:
         self.beta.update(
             _mean(stats["divergence"]), cfg.batch_size * cfg.generation_batches * self.world
         )
-        row = {k: _mean(v) for k, v in stats.items() if v}
+        # the timers' keys are fixed, so they join the stats in one all-reduce (was one per timer)
+        row = {k: _mean(v) for k, v in stats.items() if v} | timers
         row = dict(zip(row, eng.all_reduce_sum(list(row.values())), strict=True))
         row = {k: v / self.world for k, v in row.items()}
-        row.update({k: eng.all_reduce_sum([v])[0] / self.world for k, v in timers.items()})
         row["beta"] = self.beta.value
         row["lr"] = self.actor.get_lr()[0]
         return row
