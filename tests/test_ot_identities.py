@@ -351,3 +351,42 @@ def test_compression_of_a_slice_of_longer_logits() -> None:
         )
         for name in ("indices", "logp", "logq", "valid", "tail_p", "tail_q", "tail_plogp"):
             assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+_PAIR_FIELDS = ("indices", "logp", "logq", "valid", "tail_p", "tail_q", "tail_plogp", "tail_qlogq",
+                "action_slot")  # fmt: skip
+
+
+@pytest.mark.parametrize(("V", "k"), [(200, 10), (967, 64), (3000, 128), (40, 16)])
+def test_compiled_support_selection_equals_torch_topk(V: int, k: int) -> None:
+    """The CPU's compiled selection (block maxima, then quickselect) gives the tensor path's
+    compression bit for bit on tie-free logits, whatever the ratio of V to k."""
+    _emb, logits, ref, actions = random_problem(V=V, B=3, T=7, seed=V)
+    mask = torch.rand(actions.shape, generator=torch.Generator().manual_seed(5)) > 0.3
+    for m in (None, mask):
+        got, want = (
+            compress_topk(logits, ref, actions, k, m, backend="compiled"),
+            compress_topk(logits, ref, actions, k, m, backend="torch"),
+        )
+        for name in _PAIR_FIELDS:
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+def test_compiled_support_selection_breaks_ties_by_the_lower_id() -> None:
+    """Tied logits at the k-th place (a flat row, a row of -inf but a few) go by increasing token
+    id; the row's maximum is its first largest entry."""
+    from wprctl.ot.topk_cpu import select_support
+
+    x = torch.zeros(3, 30)
+    x[0, 7] = 1.0  # one best, then 29 ties for 3 places: ids 0, 1, 2
+    x[1] = -torch.inf
+    x[1, [4, 20]] = 0.5  # two finite entries, then -inf ties: ids 0, 1
+    x[2, [3, 9, 25]] = 2.0  # three tied maxima, then ties at 0
+    z = x.flip(-1)  # the same rows read backwards: ties still by the lower id
+    y = torch.tensor([29, 0, 5])
+    ids, top = select_support(x, z, y, 4, threads=1)
+    want_x = [[0, 1, 2, 7], [0, 1, 4, 20], [0, 3, 9, 25]]
+    want_z = [[0, 1, 2, 22], [0, 1, 9, 25], [0, 4, 20, 26]]
+    for r in range(3):
+        assert ids[r].tolist() == sorted(want_x[r] + want_z[r] + [int(y[r])])
+    assert top.tolist() == [[7, 22], [4, 9], [3, 4]]
