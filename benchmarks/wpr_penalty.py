@@ -34,7 +34,9 @@ What is measured (printed with every figure):
 * cost-graph build time at V = 32000, d = 256, k1 = 256, and an O(V^2 d) estimate for V = 256000.
 * golden accuracy: mean / max |error| of the centered potential at the action, in std units of
   the exact values, per case, for ``paper`` (official settings) and ``wellposed`` (k2 = 16, 64;
-  k2 >= V on the N = 512 cases, and on all with --full-golden).
+  k2 >= V on the N = 512 cases, and on all with --full-golden), on each position's own support
+  (PPO's top-k path) and, at k2 = 16 and 64, on the official's batch-wide support
+  (``support="batch"``: the same support as ``paper``, the size in brackets).
 * convergence fraction on model distributions: a given HF folder (--model, e.g. the demo's
   ``runs/sft/model``) or, when none is given, a randomly initialised small Llama. The policy is
   the model with small random weight noise (a policy a few PPO steps away from the reference).
@@ -295,13 +297,17 @@ def golden_accuracy(full_all: bool, well_iter: int) -> list[tuple]:
         ks: list[int | None] = [16, 64]
         if full_all or graph.num_tokens <= 512:
             ks.append(None)
-        for k2 in ks:
+        # each position's own support (PPO's top-k path), then the official's batch-wide one
+        runs = [(k2, "position") for k2 in ks] + [(16, "batch"), (64, "batch")]
+        for k2, support in runs:
             t0 = time.perf_counter()
             res = wpr_potentials(
                 case["logits"], case["logits_ref"], case["actions"], graph, top_k=k2,
-                max_iter=well_iter, **common,
+                max_iter=well_iter, support=support, **common,  # type: ignore[arg-type]
             )  # fmt: skip
             label = f"wellposed k2={'V' if k2 is None else k2}"
+            if support == "batch":
+                label += f" batch support ({res.support_size})"
             rows.append(
                 (case["name"], label, *err(res.potential), res.converged_fraction,
                  time.perf_counter() - t0, float(res.iterations[act].float().mean()))
@@ -446,7 +452,7 @@ def main() -> None:
         for row in golden_accuracy(args.full_golden, args.well_iter):
             extra = f"  ({row[5]:.1f}s, mean it {row[6]:.0f})" if len(row) > 5 else ""
             print(
-                f"  {row[0]:38s} {row[1]:26s} {row[2]:6.3f} / {row[3]:6.3f}  converged {row[4]:.2f}{extra}"
+                f"  {row[0]:38s} {row[1]:40s} {row[2]:6.3f} / {row[3]:6.3f}  converged {row[4]:.2f}{extra}"
             )
     else:
         print(f"\n(golden cases not found in {GOLDEN}; accuracy section skipped)")

@@ -390,3 +390,57 @@ def test_compiled_support_selection_breaks_ties_by_the_lower_id() -> None:
     for r in range(3):
         assert ids[r].tolist() == sorted(want_x[r] + want_z[r] + [int(y[r])])
     assert top.tolist() == [[7, 22], [4, 9], [3, 4]]
+
+
+def test_a_given_support_is_every_positions_slots() -> None:
+    """``compress_topk(support=...)``: the batch-wide union as every position's slots, with its
+    true masses there; the whole vocabulary as support is the untruncated compression."""
+    from wprctl.ot.topk import batch_support
+
+    _emb, logits, ref, actions = random_problem(V=120)
+    mask = torch.rand(actions.shape, generator=torch.Generator().manual_seed(6)) > 0.3
+    own = compress_topk(logits, ref, actions, 8, mask)
+    union = batch_support(logits, ref, actions, 8, mask)
+    assert torch.equal(union, torch.unique(own.indices[mask][own.valid[mask]]))
+    pair = compress_topk(logits, ref, actions, 8, mask, support=union)
+    lp, lq = torch.log_softmax(logits, -1), torch.log_softmax(ref, -1)
+    assert torch.equal(pair.indices[mask], union.expand(int(mask.sum()), -1))
+    assert torch.allclose(pair.logp[mask], lp[mask][:, union], atol=1e-5)
+    assert torch.allclose(pair.logq[mask], lq[mask][:, union], atol=1e-5)
+    assert torch.equal(pair.indices[mask].gather(1, pair.action_slot[mask, None]).squeeze(1),
+                       actions[mask])  # fmt: skip
+    rest = torch.ones(120, dtype=torch.bool)
+    rest[union] = False
+    tail = lp.exp()[mask][:, rest].double().sum(-1)
+    assert torch.allclose(pair.tail_p[mask], tail, atol=1e-6)
+    # a larger support than a position's own top-k: the own one's tail is covered
+    assert bool((pair.tail_p[mask] <= own.tail_p[mask] + 1e-6).all())
+    everything = compress_topk(logits, ref, actions, 8, mask, support=torch.arange(120))
+    untruncated = compress_topk(logits, ref, actions, 120, mask)
+    for name in _PAIR_FIELDS:
+        assert torch.equal(getattr(everything, name), getattr(untruncated, name)), name
+
+
+@pytest.mark.parametrize(
+    ("support", "message"),
+    [
+        (torch.tensor([5, 3, 9]), "sorted"),
+        (torch.tensor([-1, 3]), "sorted token ids in"),
+        (torch.tensor([], dtype=torch.long), "non-empty"),
+        (torch.tensor([3, 4]), "action of every masked position"),
+    ],
+)
+def test_a_bad_support_is_a_clear_error(support: torch.Tensor, message: str) -> None:
+    _emb, logits, ref, actions = random_problem(V=50)
+    with pytest.raises(UserError, match=message):
+        compress_topk(logits, ref, actions, 4, support=support)
+
+
+def test_the_support_rule_is_checked() -> None:
+    emb, logits, ref, actions = random_problem(V=50)
+    graph = CostGraph.from_embeddings(emb, k=4)
+    with pytest.raises(UserError, match="support must be 'position' or 'batch'"):
+        wpr_potentials(
+            logits, ref, actions, graph, epsilon=0.1, top_k=4, max_iter=10, tol=1e-6,
+            support="global",  # type: ignore[arg-type]
+        )  # fmt: skip

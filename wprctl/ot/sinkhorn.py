@@ -29,13 +29,14 @@ from wprctl.ot.paper import (
     tile_columns,
 )
 from wprctl.ot.threads import backend_threads, single_thread, single_threaded_when
-from wprctl.ot.topk import TopKPair, check_logits, compress_topk
+from wprctl.ot.topk import TopKPair, batch_support, check_logits, compress_topk
 from wprctl.ot.wellposed import support_edges, wellposed_solve
 
 Method = Literal["wellposed", "paper"]
 # Below this many (support x positions) entries the paper solver runs on one intra-op thread
 _SMALL = 2**20
 Gauge = Literal["centered", "raw"]
+Support = Literal["position", "batch"]
 
 
 @dataclass
@@ -416,12 +417,19 @@ def wpr_potentials(
     reservoir: float = 2.0,
     reservoir_scale: float = 2.0,
     reservoir_margin: float = 10.0,
+    support: Support = "position",
 ) -> WPRResult:
     """WPR penalty phi (B, T) at ``actions`` from full (B, T, V) logits (policy a, reference b).
 
     ``top_k`` is k2 (None: no truncation). ``mask`` marks the positions that get a penalty (all
     when None). ``start`` (``paper`` only): add ``actions[:, start:]`` to the support as the
     official trainer does, instead of the actions at the masked positions.
+
+    ``support`` (``wellposed`` only): ``position``, each position's own top-k2(a) U top-k2(b) U
+    {y} (what the top-k entry point and PPO use: O(k2) per position); or ``batch``, the union of
+    those over the batch for every position (the official's support, ``paper`` always uses it),
+    each position with its true masses there. ``batch`` compares the two methods on the same
+    support; its cost grows with the batch's support, which nears V for large batches.
     """
     mask_b = check_logits(policy_logits, ref_logits, actions, mask)
     V = policy_logits.shape[-1]
@@ -435,7 +443,12 @@ def wpr_potentials(
             policy_logits, ref_logits, actions, mask_b, graph, epsilon, k, max_iter, tol, gauge,
             pad_id, eos_id, start, return_value,
         )  # fmt: skip
-    pair = compress_topk(policy_logits, ref_logits, actions, k, mask_b)
+    if support not in ("position", "batch"):
+        raise UserError(f"WPR: support must be 'position' or 'batch', got {support!r}")
+    common = None
+    if support == "batch" and k < V:
+        common = batch_support(policy_logits, ref_logits, actions, k, mask_b)
+    pair = compress_topk(policy_logits, ref_logits, actions, k, mask_b, support=common)
     return wpr_potentials_topk(
         pair, graph, epsilon=epsilon, max_iter=max_iter, tol=tol, gauge=gauge, method=method,
         pad_id=pad_id, eos_id=eos_id, return_value=return_value, dust_scale=dust_scale,

@@ -174,6 +174,36 @@ def _block_rows(x: torch.Tensor, rows: torch.Tensor, span: tuple[int, int] | Non
     return flat[span[0] : span[1]] if span is not None else flat.index_select(0, rows)
 
 
+def batch_support(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    actions: torch.Tensor,
+    k: int,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The batch-wide support: the sorted union over the positions in ``mask`` of top-k(a),
+    top-k(b) and the action (the official trainer's support, without its pad and eos rule)."""
+    pair = compress_topk(policy_logits, ref_logits, actions, k, mask)
+    return torch.unique(pair.indices[pair.mask.unsqueeze(-1) & pair.valid])
+
+
+def _check_support(
+    support: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor, V: int
+) -> torch.Tensor:
+    support = support.to(actions.device, torch.long)
+    if support.dim() != 1 or support.numel() == 0:
+        raise UserError(
+            f"WPR: support must be a non-empty 1-D tensor of token ids, got {tuple(support.shape)}"
+        )
+    if bool((support[1:] <= support[:-1]).any()) or int(support[0]) < 0 or int(support[-1]) >= V:
+        raise UserError(f"WPR: support must hold distinct sorted token ids in [0, {V - 1}]")
+    y = actions[mask]
+    at = torch.searchsorted(support, y).clamp_max(support.numel() - 1)
+    if not bool((support[at] == y).all()):
+        raise UserError("WPR: support must hold the action of every masked position")
+    return support
+
+
 def compress_topk(
     policy_logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -181,6 +211,7 @@ def compress_topk(
     k: int,
     mask: torch.Tensor | None = None,
     backend: str = "auto",
+    support: torch.Tensor | None = None,
 ) -> TopKPair:
     """Compress two (B, T, V) logit tensors to the per-position support top-k(a) U top-k(b) U {y}.
 
@@ -191,6 +222,10 @@ def compress_topk(
     code (``topk_cpu``, 2-3x faster than ``torch.topk``), elsewhere by ``torch.topk``. The two
     agree except among tied logits at the k-th place, which the compiled code breaks by the lower
     token id and ``torch.topk`` leaves unspecified.
+
+    ``support`` (sorted distinct token ids holding every masked position's action, e.g.
+    ``batch_support``): every position gets these slots instead of its own top-k; ``k`` is then
+    only recorded.
     """
     mask_b = check_logits(policy_logits, ref_logits, actions, mask)
     if not isinstance(k, int) or k < 1:
@@ -198,8 +233,13 @@ def compress_topk(
     B, T, V = policy_logits.shape
     device = policy_logits.device
     actions = actions.long()
-    full = k >= V
-    S = V if full else 2 * k + 1
+    if support is not None:
+        support = _check_support(support, actions, mask_b, V)
+        S = support.numel()
+        full = S == V
+    else:
+        full = k >= V
+        S = V if full else 2 * k + 1
     # Positions outside the mask (padding after an answer) are not computed: they hold the action
     # alone, with probability 1 under both distributions, a placeholder no solver reads.
     idx = actions.unsqueeze(-1).repeat(1, 1, S)
@@ -223,8 +263,10 @@ def compress_topk(
         rows = torch.arange(lo, hi, device=device) if todo is None else todo[lo:hi]
         x = _block_rows(policy_logits, rows, None if todo is not None else (lo, hi)).float()
         z = _block_rows(ref_logits, rows, None if todo is not None else (lo, hi)).float()
-        if full:
-            ids = torch.arange(V, device=device).expand(rows.numel(), V)
+        if support is not None or full:
+            ids = (support if support is not None else torch.arange(V, device=device)).expand(
+                rows.numel(), S
+            )
             top_x = top_z = None
         elif threads:
             ids, tops = select_support(x, z, flat_y.index_select(0, rows).view(-1), k, threads)
