@@ -162,6 +162,24 @@ def test_two_process_zero2_matches_one_process(tmp_path: Path) -> None:
     assert eb[-1] == pytest.approx(ea[-1], abs=1e-3)
 
 
+def test_rm_runs_of_one_manifest_train_the_same_model(tmp_path: Path) -> None:
+    """The reward model's score head is new (random) weights: seeded like everything else, so
+    running the stage again gives the same model bit for bit (it once gave a different head)."""
+    manifest = _init(tmp_path)
+    res = run_cli("sft", "-m", str(manifest), *MICRO, "--set", "sft.max_steps=2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rm_args = ["rm", "-m", str(manifest), *MICRO, "--set", "rm.max_steps=3"]
+    runs = []
+    for extra in ([], ["--force"]):
+        res = run_cli(*rm_args, *extra)
+        assert res.returncode == 0, res.stderr[-2000:]
+        runs.append(_weights(manifest.parent / "runs" / "rm" / "model"))
+    a, b = runs
+    assert a.keys() == b.keys() and any("score" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_rm_without_sft_output_is_exit_2(tmp_path: Path) -> None:
     manifest = _init(tmp_path)
     res = run_cli("rm", "-m", str(manifest), *MICRO)

@@ -146,6 +146,31 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """The mean over ranks of each named metric, over the ranks that report it.
+
+    Ranks may report different keys (a PPO rank whose whole batch was dropped has no reward that
+    step): an all-reduce of the values alone would then pair unrelated metrics, or hang on tensors
+    of different lengths. So the ranks first agree on the sorted union of the names, then one
+    all-reduce sums each value with a count of its reporters. A key nobody reports is absent.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(values)
+    names: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(names, sorted(values))
+    keys = sorted(set().union(*names))
+    t = torch.tensor(
+        [values.get(k, 0.0) for k in keys] + [float(k in values) for k in keys],
+        dtype=torch.float64,
+        device=device(),
+    )
+    dist.all_reduce(t)
+    sums, counts = t.view(2, len(keys)).tolist()
+    return {k: s / c for k, s, c in zip(keys, sums, counts, strict=True) if c}
+
+
 # --------------------------------------------------------------------------------------------
 # DeepSpeed configs
 

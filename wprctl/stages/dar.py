@@ -246,8 +246,7 @@ class DARRecipe:
             ) / len(prompts_text)
         local.update(timers)
         # Every process has the same number of answers: the mean of the means is the global mean.
-        row = dict(zip(local, eng.all_reduce_sum(list(local.values())), strict=True))
-        row = {k: v / self.world for k, v in row.items()}
+        row = eng.all_reduce_mean(local)
         row.update(stats)
         row["lr"] = self.actor.get_lr()[0]
         return row

@@ -456,13 +456,14 @@ class PPORecipe:
             self.learn(exp, stats)
             self.last_experience = exp
         timers["time/training"] += time.time() - t0
-        self.beta.update(
-            _mean(stats["divergence"]), cfg.batch_size * cfg.generation_batches * self.world
-        )
-        # the timers' keys are fixed, so they join the stats in one all-reduce (was one per timer)
-        row = {k: _mean(v) for k, v in stats.items() if v} | timers
-        row = dict(zip(row, eng.all_reduce_sum(list(row.values())), strict=True))
-        row = {k: v / self.world for k, v in row.items()}
+        # A rank whose batches were all dropped reports no fresh experience statistics; the means
+        # are over the ranks that have them. beta adapts to the global divergence, so every rank
+        # keeps the same beta (and a step without fresh experience leaves it alone).
+        row = eng.all_reduce_mean({k: _mean(v) for k, v in stats.items() if v} | timers)
+        if "divergence" in row:
+            self.beta.update(
+                row["divergence"], cfg.batch_size * cfg.generation_batches * self.world
+            )
         row["beta"] = self.beta.value
         row["lr"] = self.actor.get_lr()[0]
         return row

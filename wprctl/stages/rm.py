@@ -49,6 +49,9 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
 
 def run(manifest: Manifest, run: RunDir, resuming: bool) -> dict[str, float]:
     eng.init_distributed()
+    # before loading: the score head is new, drawn from the global RNG (without the seed here two
+    # runs of the same manifest trained different reward models)
+    eng.seed_everything(manifest.project.seed)
     backbone = resolve_model_ref(manifest, manifest.rm.model or "sft", what="rm.model")
     tokenizer = tokenizer_for(manifest, backbone)
     pad_id = tokenizer.pad_token_id

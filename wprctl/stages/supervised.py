@@ -163,8 +163,7 @@ def run_supervised(
             step += 1
             if step % cfg.log_every == 0 or step == total:
                 row = {k: sum(v) / len(v) for k, v in window.items()}
-                row = dict(zip(row, eng.all_reduce_sum(list(row.values())), strict=True))
-                row = {k: v / world for k, v in row.items()}
+                row = eng.all_reduce_mean(row)
                 row["lr"] = engine.get_lr()[0]
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
