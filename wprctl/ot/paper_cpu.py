@@ -34,29 +34,41 @@ _SLACK = np.float32(1e-6)  # paper._SLACK
 
 
 @njit(**OPTS)
-def _edges(tok, knn, w, back_live, slot, count, cols, vals, fill, dense):
+def _edges(tok, knn, w, back_live, slot, count, cols, vals, fill):
     """Every live kNN edge among the position's tokens ``tok`` (row i = token tok[i]), found from
     its source's list: an entry of row i, and of row j too unless j's own list holds it live
     (``paper.paper_reverse_live``), so each kernel entry comes once, from the row's own list
-    when it can. Counted into ``count`` (fill False), or written: at ``count``, the next free
-    place of each CSR row, or into the transposed dense kernel ``dense`` (dense[j, i] = K_ij)
-    when it has rows."""
+    when it can. Counted into ``count`` (fill False), or written at ``count``, the next free
+    place of each CSR row. (``_dense_edges``: the same into a dense kernel.)"""
     for i in range(tok.shape[0]):
         t = tok[i]
         for r in range(knn.shape[1]):
             j = slot[knn[t, r]]
             if j >= 0 and w[t, r] > 0:
-                if fill and dense.shape[0]:
-                    dense[j, i] = w[t, r]
-                elif fill:
+                if fill:
                     cols[count[i]], vals[count[i]] = j, w[t, r]
                 count[i] += 1
                 if not back_live[t, r]:
-                    if fill and dense.shape[0]:
-                        dense[i, j] = w[t, r]
-                    elif fill:
+                    if fill:
                         cols[count[j]], vals[count[j]] = i, w[t, r]
                     count[j] += 1
+
+
+@njit(**OPTS)
+def _dense_edges(tok, knn, w, back_live, slot, dense):
+    """``_edges`` into the transposed dense kernel, without branches: whether a list entry is a
+    kernel entry is a coin flip per entry (its neighbour in the position's tokens or not), which
+    branches mispredict, so a miss rewrites a cell with its own value instead (row or column 0)."""
+    for i in range(tok.shape[0]):
+        t = tok[i]
+        for r in range(knn.shape[1]):
+            j = slot[knn[t, r]]
+            x = w[t, r]
+            hit = (j >= 0) & (x > 0)
+            jj = max(j, 0)
+            dense[jj, i] = x if hit else dense[jj, i]
+            back = hit & ~back_live[t, r]
+            dense[i, jj] = x if back else dense[i, jj]
 
 
 @njit(**OPTS)
@@ -70,26 +82,31 @@ def _kernel(tok, knn, w, back_live, slot, count, indptr, cols, vals, dense_buf):
     m = n + 1
     for i in range(n):
         slot[tok[i]] = i
-    count[:m] = 1  # the diagonal
+    # the entry count decides the layout: counted without branches (see _dense_edges)
+    nnz = m
+    for i in range(n):
+        t = tok[i]
+        for r in range(knn.shape[1]):
+            hit = (slot[knn[t, r]] >= 0) & (w[t, r] > 0)
+            nnz += hit * (2 - back_live[t, r])
     none = dense_buf[:0].reshape((0, 0))
-    _edges(tok, knn, w, back_live, slot, count, cols, vals, False, none)
-    nnz = 0
-    for i in range(m):
-        nnz += count[i]
     dense = none
     if m * m <= dense_buf.shape[0] and m * m <= 4 * nnz:
         # C-contiguous (a 2-D slice of a larger matrix would not be, and would not vectorize)
         dense = dense_buf[: m * m].reshape((m, m))
         dense[:, :] = 0.0
+        _dense_edges(tok, knn, w, back_live, slot, dense)
         for i in range(m):
             dense[i, i] = 1.0
     else:
+        count[:m] = 1  # the diagonal
+        _edges(tok, knn, w, back_live, slot, count, cols, vals, False)
         indptr[0] = 0
         for i in range(m):
             indptr[i + 1] = indptr[i] + count[i]
             cols[indptr[i]], vals[indptr[i]] = i, 1.0
             count[i] = indptr[i] + 1
-    _edges(tok, knn, w, back_live, slot, count, cols, vals, True, dense)
+        _edges(tok, knn, w, back_live, slot, count, cols, vals, True)
     for i in range(n):
         slot[tok[i]] = -1
     return dense
@@ -169,12 +186,13 @@ def _solve_position(a, b, first_rowsum, outside, action_row, indptr, cols, vals,
     if dense.shape[0]:
         sa[:] = 0.0
         sb[:] = 0.0
-        for j in range(m):  # row by row of the transpose, as in _matvec
+        for j in range(m):  # row by row of the transpose, as in _matvec; branch-free
             aj, bj = a[j], b[j]
+            zero = np.float32(0.0)
             for i in range(m):
-                if dense[j, i] > 0:
-                    sa[i] += aj
-                    sb[i] += bj
+                live = dense[j, i] > 0
+                sa[i] += aj if live else zero
+                sb[i] += bj if live else zero
     else:
         for i in range(m):
             sa[i] = 0.0
