@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,30 @@ DIST_ENV = (
     "CROSS_RANK",
     "CROSS_SIZE",
 )
+
+
+def _gloo_rank(rank: int, work: Callable[[int], None], port: int, world: int) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        work(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo_ranks(work: Callable[[int], None], world: int = 2) -> None:
+    """``work(rank)`` in ``world`` spawned processes joined in one gloo group (``work``: a
+    module-level function, or a ``functools.partial`` of one, so that it pickles)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    mp.spawn(_gloo_rank, args=(work, port, world), nprocs=world, join=True)
 
 
 def wprctl_in_process(*args: str) -> int:

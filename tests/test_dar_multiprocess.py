@@ -3,13 +3,12 @@ two gloo ranks holding halves of a batch get exactly the single-process result's
 
 from __future__ import annotations
 
-import os
-import socket
+from functools import partial
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
+from tests.conftest import run_gloo_ranks
 from wprctl.rl.dar_math import global_weights
 
 K = 4
@@ -25,7 +24,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return rewards, ref, old
 
 
-def _rank(rank: int, port: int, out: str) -> None:
+def _rank(out: str, rank: int) -> None:
     import torch.distributed as dist
 
     def gather(t: torch.Tensor) -> torch.Tensor:
@@ -33,8 +32,6 @@ def _rank(rank: int, port: int, out: str) -> None:
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts)
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
     rewards, ref, old = _batch()
     mine = slice(3 * rank, 3 * rank + 3)
     results = [
@@ -50,19 +47,12 @@ def _rank(rank: int, port: int, out: str) -> None:
         for sn in (False, True)
     ]
     torch.save(results, f"{out}.{rank}")
-    dist.destroy_process_group()
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_two_ranks_compute_the_global_batch(tmp_path: Path) -> None:
     rewards, ref, old = _batch()
     out = str(tmp_path / "w")
-    mp.spawn(_rank, args=(_port(), out), nprocs=2, join=True)
+    run_gloo_ranks(partial(_rank, out))
     parts = [torch.load(f"{out}.{r}") for r in (0, 1)]
     for i, sn in enumerate((False, True)):
         whole, stats = global_weights(rewards, ref, old, **PAPER, self_normalize=sn)

@@ -4,12 +4,10 @@ gloo ranks, as under the launcher."""
 from __future__ import annotations
 
 import json
-import os
-import socket
+from functools import partial
 from pathlib import Path
 
-import torch.multiprocessing as mp
-
+from tests.conftest import run_gloo_ranks
 from wprctl import engine as eng
 
 # A PPO rank whose whole batch was dropped reports timers and training losses (from the reused
@@ -20,25 +18,14 @@ REPORTS = [
 ]
 
 
-def _rank(rank: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _report(out: str, rank: int) -> None:
     result = eng.all_reduce_mean(REPORTS[rank])
     Path(f"{out}.{rank}").write_text(json.dumps(result))
-    dist.destroy_process_group()
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_each_metric_is_averaged_over_the_ranks_that_report_it(tmp_path: Path) -> None:
     out = str(tmp_path / "m")
-    mp.spawn(_rank, args=(_port(), out), nprocs=2, join=True)
+    run_gloo_ranks(partial(_report, out))
     results = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
     assert (
         results[0]
