@@ -444,3 +444,16 @@ def test_the_support_rule_is_checked() -> None:
             logits, ref, actions, graph, epsilon=0.1, top_k=4, max_iter=10, tol=1e-6,
             support="global",  # type: ignore[arg-type]
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+@pytest.mark.parametrize("bad", [torch.nan, torch.inf])
+def test_nan_or_inf_logits_are_a_clear_error(backend: str, bad: float) -> None:
+    """A diverged model's logits: the error names the tensor and the position, on either path
+    (-inf, a masked token, is fine)."""
+    _emb, logits, ref, actions = random_problem(V=80)
+    ref[0, 2, 7] = -torch.inf
+    compress_topk(logits, ref, actions, 8, backend=backend)
+    ref[1, 3, 11] = bad
+    with pytest.raises(UserError, match=r"ref_logits at position \(b=1, t=3\) hold NaN or \+inf"):
+        compress_topk(logits, ref, actions, 8, backend=backend)

@@ -159,6 +159,18 @@ def _tail_sums(
     return torch.where(torch.isfinite(out), out, lumped)
 
 
+def _check_finite_rows(x: torch.Tensor, z: torch.Tensor, rows: torch.Tensor, T: int) -> None:
+    """NaN or +inf logits (a diverged model) have no softmax: say where, rather than let a NaN
+    support or penalty through (the compiled selection does not rank NaN at all)."""
+    for name, t in (("policy_logits", x), ("ref_logits", z)):
+        if bool(t.amax() < torch.inf):  # one pass; NaN compares False, and amax propagates it
+            continue
+        bad = torch.isnan(t) | (t == torch.inf)
+        if bool(bad.any()):
+            r = int(rows[int(bad.any(-1).nonzero()[0, 0])])
+            raise UserError(f"WPR: {name} at position (b={r // T}, t={r % T}) hold NaN or +inf")
+
+
 def _block_rows(x: torch.Tensor, rows: torch.Tensor, span: tuple[int, int] | None) -> torch.Tensor:
     """Rows ``rows`` (flat b * T + t) of the (B, T, V) ``x`` as (n, V), copying no other row.
 
@@ -263,6 +275,7 @@ def compress_topk(
         rows = torch.arange(lo, hi, device=device) if todo is None else todo[lo:hi]
         x = _block_rows(policy_logits, rows, None if todo is not None else (lo, hi)).float()
         z = _block_rows(ref_logits, rows, None if todo is not None else (lo, hi)).float()
+        _check_finite_rows(x, z, rows, T)
         if support is not None or full:
             ids = (support if support is not None else torch.arange(V, device=device)).expand(
                 rows.numel(), S
