@@ -34,23 +34,21 @@ _SLACK = np.float32(1e-6)  # paper._SLACK
 
 
 @njit(**OPTS)
-def _edges(tok, knn, w, back_live, slot, count, cols, vals, fill):
+def _edges(tok, knn, w, back_live, slot, count, cols, vals):
     """Every live kNN edge among the position's tokens ``tok`` (row i = token tok[i]), found from
     its source's list: an entry of row i, and of row j too unless j's own list holds it live
     (``paper.paper_reverse_live``), so each kernel entry comes once, from the row's own list
-    when it can. Counted into ``count`` (fill False), or written at ``count``, the next free
-    place of each CSR row. (``_dense_edges``: the same into a dense kernel.)"""
+    when it can. Written at ``count``, the next free place of each CSR row (``_kernel`` counts
+    them first). (``_dense_edges``: the same into a dense kernel.)"""
     for i in range(tok.shape[0]):
         t = tok[i]
         for r in range(knn.shape[1]):
             j = slot[knn[t, r]]
             if j >= 0 and w[t, r] > 0:
-                if fill:
-                    cols[count[i]], vals[count[i]] = j, w[t, r]
+                cols[count[i]], vals[count[i]] = j, w[t, r]
                 count[i] += 1
                 if not back_live[t, r]:
-                    if fill:
-                        cols[count[j]], vals[count[j]] = i, w[t, r]
+                    cols[count[j]], vals[count[j]] = i, w[t, r]
                     count[j] += 1
 
 
@@ -82,13 +80,19 @@ def _kernel(tok, knn, w, back_live, slot, count, indptr, cols, vals, dense_buf):
     m = n + 1
     for i in range(n):
         slot[tok[i]] = i
-    # the entry count decides the layout: counted without branches (see _dense_edges)
-    nnz = m
+    # the entries of each row, counted without branches (see _dense_edges); their total decides
+    # the layout
+    count[:m] = 1  # the diagonal
     for i in range(n):
         t = tok[i]
         for r in range(knn.shape[1]):
-            hit = (slot[knn[t, r]] >= 0) & (w[t, r] > 0)
-            nnz += hit * (2 - back_live[t, r])
+            j = slot[knn[t, r]]
+            hit = (j >= 0) & (w[t, r] > 0)
+            count[i] += int(hit)
+            count[max(j, 0)] += int(hit & ~back_live[t, r])
+    nnz = 0
+    for i in range(m):
+        nnz += count[i]
     none = dense_buf[:0].reshape((0, 0))
     dense = none
     if m * m <= dense_buf.shape[0] and m * m <= 4 * nnz:
@@ -99,14 +103,12 @@ def _kernel(tok, knn, w, back_live, slot, count, indptr, cols, vals, dense_buf):
         for i in range(m):
             dense[i, i] = 1.0
     else:
-        count[:m] = 1  # the diagonal
-        _edges(tok, knn, w, back_live, slot, count, cols, vals, False)
         indptr[0] = 0
         for i in range(m):
             indptr[i + 1] = indptr[i] + count[i]
             cols[indptr[i]], vals[indptr[i]] = i, 1.0
             count[i] = indptr[i] + 1
-        _edges(tok, knn, w, back_live, slot, count, cols, vals, True)
+        _edges(tok, knn, w, back_live, slot, count, cols, vals)
     for i in range(n):
         slot[tok[i]] = -1
     return dense
