@@ -40,7 +40,13 @@ then joins. The result is bit-identical to running them one after the other:
 * while the worker solves an OT problem (a regularizer on top-k distributions), the main thread
   computes values and score with one intra-op thread fewer (on the CPU), so that its parallel
   ops do not wait at every barrier for a thread that the worker displaced. For the per-token
-  regularizers (kl, fdiv) the worker's share is a few small ops and the main thread keeps all;
+  regularizers (kl, fdiv) the worker's share is a few small ops and the main thread keeps all.
+  On the demo (2 cores) that lost thread is most of what WPR adds to a step (values + score
+  8 + 8 ms on 2 threads, 13 + 13 on 1), whatever the worker's length. The count is fixed per
+  regularizer, not handed back when the worker finishes: MKL's results are not bit-identical
+  on 1 and 2 threads for every shape, and a count that depends on timing would make runs
+  irreproducible. Running the regularizer after values and score on both threads instead was
+  measured slower (its small ops gain nothing from the second thread);
 * grad mode is per thread: the worker runs under `torch.no_grad()` like `experience`;
 * on CUDA the worker first selects this process's device; both threads issue to the device's
   default stream, so the worker's kernels are ordered after the forward passes that produced its
