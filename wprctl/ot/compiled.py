@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numba
+import numpy as np
 from numba import get_num_threads, set_num_threads
 
 from wprctl.console import err_console, is_main_process
@@ -51,6 +52,12 @@ def _compile_notice(fn: Any) -> threading.Timer | None:
     timer.daemon = True
     timer.start()
     return timer
+
+
+def chunk_bounds(n: int, threads: int, per_thread: int = 8) -> np.ndarray:
+    """Bounds of the position chunks a parallel launch spreads over its threads: ``per_thread``
+    chunks a thread (so a slow chunk does not hold the others up), at most one per position."""
+    return np.linspace(0, n, max(1, min(n, per_thread * max(1, threads))) + 1).astype(np.int64)
 
 
 def launch(parallel: Callable[..., Any], serial: Callable[..., Any], threads: int, n: int,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from wprctl.ot.compiled import OPTS, launch
+from wprctl.ot.compiled import OPTS, chunk_bounds, launch
 
 _TINY = np.float32(1e-16)  # paper._TINY
 _SLACK = np.float32(1e-6)  # paper._SLACK
@@ -93,8 +93,7 @@ def _kernel(tok, knn, w, back_live, slot, count, indptr, cols, vals, dense_buf):
     nnz = 0
     for i in range(m):
         nnz += count[i]
-    none = dense_buf[:0].reshape((0, 0))
-    dense = none
+    dense = dense_buf[:0].reshape((0, 0))  # none: CSR
     if m * m <= dense_buf.shape[0] and m * m <= 4 * nnz:
         # C-contiguous (a 2-D slice of a larger matrix would not be, and would not vectorize)
         dense = dense_buf[: m * m].reshape((m, m))
@@ -188,9 +187,9 @@ def _solve_position(a, b, first_rowsum, outside, action_row, indptr, cols, vals,
     if dense.shape[0]:
         sa[:] = 0.0
         sb[:] = 0.0
+        zero = np.float32(0.0)
         for j in range(m):  # row by row of the transpose, as in _matvec; branch-free
             aj, bj = a[j], b[j]
-            zero = np.float32(0.0)
             for i in range(m):
                 live = dense[j, i] > 0
                 sa[i] += aj if live else zero
@@ -288,7 +287,7 @@ def paper_local_cpu(
     ``paper.paper_knn_kernel``, ``back_live`` (V, k1) bool from ``paper.paper_reverse_live``."""
     P = ids.shape[0]
     res = np.zeros((P, 7), dtype=np.float64)
-    chunks = np.linspace(0, P, max(1, min(P, 8 * max(1, threads))) + 1).astype(np.int64)
+    chunks = chunk_bounds(P, threads)
     # eps as float64 (the OT value's entropy terms) and, inside, as float32 (the iteration)
     eps = np.array([epsilon, epsilon], dtype=np.float64)
     args = (ids, own, a, b, first_rowsum, outside, action_rows, knn, w, back_live, eps, int(max_iter),

@@ -437,14 +437,14 @@ def wpr_potentials(
     k = V if top_k is None else top_k
     if not isinstance(k, int) or k < 1:
         raise UserError(f"WPR: top_k (k2) must be an integer >= 1 or None, got {top_k!r}")
+    if support not in ("position", "batch"):
+        raise UserError(f"WPR: support must be 'position' or 'batch', got {support!r}")
     if method == "paper":
         graph.check_underflow(epsilon, torch.float32)
         return _paper_full(
             policy_logits, ref_logits, actions, mask_b, graph, epsilon, k, max_iter, tol, gauge,
             pad_id, eos_id, start, return_value,
         )  # fmt: skip
-    if support not in ("position", "batch"):
-        raise UserError(f"WPR: support must be 'position' or 'batch', got {support!r}")
     common = None
     if support == "batch" and k < V:
         common = batch_support(policy_logits, ref_logits, actions, k, mask_b)

@@ -245,13 +245,13 @@ def compress_topk(
     B, T, V = policy_logits.shape
     device = policy_logits.device
     actions = actions.long()
+    # fixed slots (a given support, or the whole vocabulary), else each position's own top-k
     if support is not None:
         support = _check_support(support, actions, mask_b, V)
-        S = support.numel()
-        full = S == V
-    else:
-        full = k >= V
-        S = V if full else 2 * k + 1
+    elif k >= V:
+        support = torch.arange(V, device=device)
+    S = 2 * k + 1 if support is None else support.numel()
+    full = support is not None and S == V  # no token outside the slots
     # Positions outside the mask (padding after an answer) are not computed: they hold the action
     # alone, with probability 1 under both distributions, a placeholder no solver reads.
     idx = actions.unsqueeze(-1).repeat(1, 1, S)
@@ -276,10 +276,8 @@ def compress_topk(
         x = _block_rows(policy_logits, rows, None if todo is not None else (lo, hi)).float()
         z = _block_rows(ref_logits, rows, None if todo is not None else (lo, hi)).float()
         _check_finite_rows(x, z, rows, T)
-        if support is not None or full:
-            ids = (support if support is not None else torch.arange(V, device=device)).expand(
-                rows.numel(), S
-            )
+        if support is not None:
+            ids = support.expand(rows.numel(), S)
             top_x = top_z = None
         elif threads:
             ids, tops = select_support(x, z, flat_y.index_select(0, rows).view(-1), k, threads)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from wprctl.ot.compiled import OPTS, launch
+from wprctl.ot.compiled import OPTS, chunk_bounds, launch
 
 
 @njit(**OPTS)
@@ -71,6 +71,7 @@ def _top_k(row, k, bm, cv, ci, work, out):
     V = row.shape[0]
     # A lower bound on the k-th best: the k-th largest of the maxima of narrow blocks (k blocks
     # hold an entry at least that large). Only those blocks can hold candidates, a few k entries.
+    # There are m >= min(V, 4k) > k blocks (k < V: compress_topk takes k >= V whole).
     width = max(1, V // (4 * k))
     m = -(-V // width)
     for b in range(m):
@@ -78,7 +79,7 @@ def _top_k(row, k, bm, cv, ci, work, out):
         for i in range(b * width + 1, min(V, (b + 1) * width)):
             top = max(top, row[i])
         bm[b] = top
-    bound = _kth_largest(bm, m, k, work) if m > k else bm[:m].min()
+    bound = _kth_largest(bm, m, k, work)
     n = 0
     for b in range(m):
         if bm[b] >= bound:
@@ -156,6 +157,6 @@ def select_support(
     yn = np.ascontiguousarray(y.detach().numpy().astype(np.int64, copy=False))
     ids = np.empty((n, 2 * k + 1), dtype=np.int64)
     top = np.empty((n, 2), dtype=np.int64)
-    chunks = np.linspace(0, n, max(1, min(n, 4 * max(1, threads))) + 1).astype(np.int64)
+    chunks = chunk_bounds(n, threads, per_thread=4)
     launch(_select_parallel, _select_serial, threads, n, xn, zn, yn, k, ids, top, chunks)
     return torch.from_numpy(ids), torch.from_numpy(top)

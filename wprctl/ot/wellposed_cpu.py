@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from wprctl.ot.compiled import OPTS as _OPTS
-from wprctl.ot.compiled import launch
+from wprctl.ot.compiled import chunk_bounds, launch
 
 _TINY = np.finfo(np.float64).tiny
 _RIDGE = 1e-10  # the preconditioner's relative ridge (``wellposed._Precond``)
@@ -616,7 +616,7 @@ def support_edges_cpu(
     computed again when flattening."""
     P, S = ids.shape
     cap = max(1, min(8 * S, (64 * 2**20 // 24) // max(1, P)))
-    chunks = np.linspace(0, P, max(1, min(P, 8 * max(1, threads))) + 1).astype(np.int64)
+    chunks = chunk_bounds(P, threads)
     counts = np.zeros(P, dtype=np.int64)
     slab_i, slab_j = np.empty((P, cap), dtype=np.int64), np.empty((P, cap), dtype=np.int64)
     slab_c = np.empty((P, cap), dtype=knn_cost.dtype)

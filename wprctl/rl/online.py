@@ -224,9 +224,9 @@ def run_online_loop(
     """The loop PPO and DAR share, from ``step`` to ``schedule.total``.
 
     ``one_step(s)`` runs step s (0-based) and returns its metrics row; ``save(n)`` checkpoints
-    the run after n steps. Held-out evaluation before the first step (a resumed run keeps its own, and its
-    line in metrics.jsonl), every ``eval_every`` steps and after the last. Returns the held-out
-    metrics before and after.
+    the run after n steps. Held-out evaluation before the first step (a resumed run keeps its
+    own, and its line in metrics.jsonl), every ``eval_every`` steps and after the last. Returns
+    the held-out metrics before and after.
     """
     logger = MetricsLogger(run, resume_from_step=step if resuming else None)
     start_eval = run.state().get("start_eval") if resuming else None
