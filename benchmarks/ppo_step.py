@@ -1,6 +1,7 @@
 """Per-step time of PPO with `kl` and with `wpr` (both methods) on the demo config.
 
     python -m benchmarks.ppo_step [--steps 24] [--repeats 3] [--kl-ctl 0] [--project DIR] [--brief]
+                                  [--variants kl,wpr-paper,wpr-wellposed]
 
 Trains SFT and RM as the demo does (about 5 minutes; or reuses --project's, e.g. the `wprctl-demo`
 folder `wprctl quickstart` leaves), then runs PPO with each regularizer, `--repeats` times, the
@@ -61,16 +62,19 @@ def main() -> None:
     p.add_argument("--kl-ctl", type=float, default=0.0, help="beta of every variant (see above)")
     p.add_argument("--project", type=Path, default=None)
     p.add_argument("--brief", action="store_true", help="SFT 30 steps, RM 20 (see above)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, kl first")
     args = p.parse_args()
     if args.steps < 2 or args.repeats < 1:
         p.error("--steps must be >= 2 and --repeats >= 1")
+    names = args.variants.split(",")
+    if names[0] != "kl" or not set(names) <= set(VARIANTS):
+        p.error(f"--variants: kl first, then any of {', '.join(list(VARIANTS)[1:])}")
     manifest = demo_project(args.project)
     runs = manifest.parent / "runs"
     if not (runs / "rm" / "model").exists():
         brief = {"sft": ["--set", "sft.max_steps=30"], "rm": ["--set", "rm.max_steps=20"]}
         for stage in ("sft", "rm"):
             wprctl(stage, "-m", str(manifest), *(brief[stage] if args.brief else []))
-    names = list(VARIANTS)
     runs_of: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for r in range(args.repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:

@@ -359,17 +359,50 @@ _PAIR_FIELDS = ("indices", "logp", "logq", "valid", "tail_p", "tail_q", "tail_pl
 
 @pytest.mark.parametrize(("V", "k"), [(200, 10), (967, 64), (3000, 128), (40, 16)])
 def test_compiled_support_selection_equals_torch_topk(V: int, k: int) -> None:
-    """The CPU's compiled selection (block maxima, then quickselect) gives the tensor path's
-    compression bit for bit on tie-free logits, whatever the ratio of V to k."""
+    """The CPU's compiled compression (block maxima and quickselect for the support, one pass
+    for both softmax sums) gives the tensor path's support bit for bit on tie-free logits,
+    whatever the ratio of V to k, and its masses to float32 rounding (the sums run in another
+    order, and exp is Cephes' polynomial, not libm's)."""
     _emb, logits, ref, actions = random_problem(V=V, B=3, T=7, seed=V)
+    logits[0, 1, : V // 3] = -torch.inf  # masked tokens: probability 0, no NaN in the sums
     mask = torch.rand(actions.shape, generator=torch.Generator().manual_seed(5)) > 0.3
     for m in (None, mask):
         got, want = (
             compress_topk(logits, ref, actions, k, m, backend="compiled"),
             compress_topk(logits, ref, actions, k, m, backend="torch"),
         )
-        for name in _PAIR_FIELDS:
+        for name in ("indices", "valid", "action_slot"):
             assert torch.equal(getattr(got, name), getattr(want, name)), name
+        for name in ("logp", "logq", "tail_p", "tail_q"):
+            a, b = getattr(got, name), getattr(want, name)  # -inf where a logit is -inf
+            assert a.dtype == b.dtype and not a.isnan().any(), name
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-6, msg=name)
+        # The tail sums against float64: the compiled pass sums in float64, the tensor path's
+        # p . x in float32 (off by up to ~3e-4 at V = 3000). (Both from float32 logits.)
+        for name, x in (("tail_plogp", logits), ("tail_qlogq", ref)):
+            lx = torch.log_softmax(x.double(), -1)
+            outside = torch.ones_like(lx, dtype=torch.bool).scatter_(-1, got.indices, False)
+            exact = torch.where(outside & (lx > -torch.inf), lx.exp() * lx, 0.0).sum(-1)
+            exact = torch.where(got.mask, exact, 0.0)
+            torch.testing.assert_close(getattr(got, name), exact, rtol=0, atol=5e-6, msg=name)
+            torch.testing.assert_close(getattr(want, name), exact, rtol=0, atol=1e-3, msg=name)
+        assert m is not None or bool((got.logp == -torch.inf).any())  # the -inf case is tried
+
+
+def test_compiled_exp_is_within_two_ulp_and_zero_below_the_float32_range() -> None:
+    """The compression's vectorizable exp (Cephes' expf) against float64, over the range a
+    softmax uses (x - max <= 0), and 0 for -inf and below float32's normal range."""
+    import numpy as np
+
+    from wprctl.ot.topk_cpu import _exp_shifted
+
+    x = np.concatenate([-np.geomspace(1e-6, 86.9, 20000), [0.0, -87.5, -200.0, -np.inf]])
+    x = x.astype(np.float32)
+    e, t = np.empty_like(x), np.empty_like(x)
+    _exp_shifted(x, np.float32(0.0), e, t, np.empty(x.shape, np.int32))
+    want = np.exp(x[:-3].astype(np.float64))
+    assert np.max(np.abs(e[:-3] - want) / want) < 2 * 2.0**-23
+    assert list(e[-3:]) == [0.0, 0.0, 0.0] and np.all(np.isfinite(t)) and np.all(e * t <= 0)
 
 
 def test_compiled_support_selection_breaks_ties_by_the_lower_id() -> None:

@@ -112,7 +112,9 @@ def test_compiled_per_position_problems_equal_the_tensor_ones(gauge: str, layout
         kw = dict(epsilon=eps, max_iter=max_iter, tol=tol, gauge=gauge, return_value=True)
         compiled = wpr_potentials_topk(pair, graph, method="paper", backend="compiled", **kw)
         tensor = wpr_potentials_topk(pair, graph, method="paper", backend="torch", **kw)
-        assert_same(compiled, tensor, rtol=1e-5)
+        # float32 exp and sums in another order (the masses, the dust, the first row sums),
+        # grown over the iterations
+        assert_same(compiled, tensor, rtol=5e-5)
         assert compiled.infeasible_fraction == tensor.infeasible_fraction
     assert 0.0 < compiled.converged_fraction < 1.0
     assert 0.0 < compiled.infeasible_fraction < 1.0

@@ -12,7 +12,7 @@ from tests.test_regularizers_wpr import rollout, setup_reg, wpr_cfg
 from wprctl.errors import UserError
 from wprctl.manifest import RegularizerConfig
 from wprctl.ot import compress_topk
-from wprctl.ot.threads import compiled_threads, single_thread
+from wprctl.ot.threads import compiled_threads, free_threads, single_thread
 from wprctl.regularizers import RegBatch, Regularizer, build_regularizer
 from wprctl.stages.ppo import _RegularizerWorker
 
@@ -142,6 +142,47 @@ def test_worker_runs_one_thread_and_leaves_the_main_threads_count(two_threads) -
     assert probe.seen == {"worker": 1, "worker_compiled": 2}
     assert main_during == 2 and later == [2] and torch.get_num_threads() == 2
     assert compiled_threads() == 2
+
+
+class _CoreProbe(Regularizer):
+    """Records the threads a compiled launch on the worker would take, at two moments the test
+    chooses."""
+
+    def __init__(self) -> None:
+        super().__init__(RegularizerConfig(kind="none"))
+        self.steps = [threading.Event() for _ in range(4)]
+        self.free: list[int] = []
+
+    def reward_penalty(self, batch: RegBatch) -> torch.Tensor:
+        for k in (0, 2):
+            self.free.append(free_threads(2))
+            self.steps[k].set()
+            self.steps[k + 1].wait(60)
+        return torch.zeros_like(batch.mask)
+
+
+def test_worker_launches_take_one_core_while_the_main_thread_shares_them(two_threads) -> None:
+    """Inside ``sharing_cores`` the main thread runs on one intra-op thread fewer and a short
+    compiled launch on the worker takes the one core left; after it, every core again."""
+    probe = _CoreProbe()
+    worker = _RegularizerWorker(probe, CPU)
+    try:
+        with worker.sharing_cores():
+            job = _submit(worker)
+            assert probe.steps[0].wait(60)
+            main_during = torch.get_num_threads()
+        probe.steps[1].set()
+        assert probe.steps[2].wait(60)
+        probe.steps[3].set()
+        job.result(timeout=60)
+        with worker.sharing_cores(enabled=False):  # (kl, fdiv: nothing to share)
+            assert torch.get_num_threads() == 2
+    finally:
+        for e in probe.steps:
+            e.set()
+        worker.close()
+    assert main_during == 1 and torch.get_num_threads() == 2
+    assert probe.free == [1, 2]
 
 
 def test_single_thread_on_another_thread_keeps_the_main_threads_count(two_threads) -> None:

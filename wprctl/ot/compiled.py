@@ -17,6 +17,7 @@ import numpy as np
 from numba import get_num_threads, set_num_threads
 
 from wprctl.console import err_console, is_main_process
+from wprctl.ot.threads import free_threads
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     # numba would pick its OpenMP layer: a second OpenMP runtime beside PyTorch's, whose threads
@@ -61,9 +62,19 @@ def chunk_bounds(n: int, threads: int, per_thread: int = 8) -> np.ndarray:
 
 
 def launch(parallel: Callable[..., Any], serial: Callable[..., Any], threads: int, n: int,
-           *args: Any) -> None:  # fmt: skip
+           *args: Any, long: bool = False) -> None:  # fmt: skip
     """``parallel(*args)`` on ``threads`` threads, or ``serial(*args)`` for one thread or one
-    item (no thread pool is touched then)."""
+    item (no thread pool is touched then).
+
+    A short launch takes one thread while the calling thread shares the cores
+    (``threads.free_threads``: PPO's worker beside its main thread). A ``long`` one takes them
+    all anyway: numba splits the positions evenly over its threads at the start, so a launch on
+    one thread stays on one after the main thread has finished (at the demo's sizes the
+    ``wellposed`` solve took 113 ms on one thread, 72 ms on two from the start, and 86-90 ms
+    when cut into waves that each take the threads free at their start: each wave waits for its
+    slowest position)."""
+    if not long:
+        threads = free_threads(threads)
     fn = serial if threads <= 1 or n < 2 else parallel
     notice = _compile_notice(fn)
     try:

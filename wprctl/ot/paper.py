@@ -398,7 +398,7 @@ def _reverse_entries(knn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _mutual(graph: CostGraph, device: torch.device) -> torch.Tensor:
+def paper_mutual(graph: CostGraph, device: torch.device) -> torch.Tensor:
     """(V, k1) bool: the kNN edge i -> knn[i, c] is mutual (i is also in knn[knn[i, c]]).
 
     Cached on the graph. With it, each undirected in-support edge can be counted once without
@@ -468,7 +468,7 @@ def first_row_sums(
     # source's own kNN list, as ``support_kernel`` keeps it. Dense masked sums over the
     # (Ns, k1) lists: no list of the (mostly present) edges is built.
     w_s = w.index_select(0, support)
-    one_way = inside & ~_mutual(graph, device).index_select(0, support)
+    one_way = inside & ~paper_mutual(graph, device).index_select(0, support)
     rowsum = torch.ones(Ns + 1, dtype=torch.float32, device=device)
     rowsum[:Ns] += torch.where(inside, w_s, 0.0).sum(1)
     rowsum.index_add_(0, nb.view(-1), torch.where(one_way, w_s, 0.0).view(-1))

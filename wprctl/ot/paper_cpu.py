@@ -1,10 +1,13 @@
-"""The ``paper`` method's per-position problems compiled for the CPU.
+"""The ``paper`` method's per-position problems compiled for the CPU, from a ``TopKPair``.
 
-``paper.local_problems`` + ``paper.paper_sinkhorn_local`` for one position per loop turn, the
-positions spread over threads (``wprctl.ot.compiled``): the position's kernel on its own tokens
-(its kNN edges among them, both directions, a row's own kNN value first, 1 on the diagonal, the
-dust bin only on its diagonal), then the official float32 iteration from u = v = 1, with the
-batch support entering through the first u-update's row sums (``paper.first_row_sums``).
+``sinkhorn._paper_local`` (the batch support, each position's masses, dust bin and action row,
+``paper.local_problems`` + ``paper.paper_sinkhorn_local``) in one call: the batch support as
+flags over the vocabulary with its kernel's row sums (``_batch_support``, as
+``paper.first_row_sums``), then one position per loop turn, the positions spread over threads
+(``wprctl.ot.compiled``): the position's kernel on its own tokens (its kNN edges among them,
+both directions, a row's own kNN value first, 1 on the diagonal, the dust bin only on its
+diagonal), then the official float32 iteration from u = v = 1, with the batch support entering
+through the first u-update's row sums. No tensor op runs between the pair and the results.
 
 The tensor version builds one block-diagonal CSR kernel for all positions with sorts and
 searches over every candidate edge. Here:
@@ -53,20 +56,24 @@ def _edges(tok, knn, w, back_live, slot, count, cols, vals):
 
 
 @njit(**OPTS)
-def _dense_edges(tok, knn, w, back_live, slot, dense):
-    """``_edges`` into the transposed dense kernel, without branches: whether a list entry is a
-    kernel entry is a coin flip per entry (its neighbour in the position's tokens or not), which
-    branches mispredict, so a miss rewrites a cell with its own value instead (row or column 0)."""
+def _dense_edges(tok, knn, w, back_live, slot, flat, m):
+    """``_edges`` into the transposed dense kernel, the (m, m) head of ``flat``, without branches:
+    whether a list entry is a kernel entry is a coin flip per entry (its neighbour in the
+    position's tokens or not), which branches mispredict. A miss writes to a scratch cell after
+    the matrix, one per list column r: a miss that rewrote a cell of the matrix (its own value)
+    would load and store one address again and again, a chain through memory that costs more
+    than the branch. Hits are written in the same order as by ``_edges``."""
+    k1 = knn.shape[1]
+    scratch = m * m
     for i in range(tok.shape[0]):
         t = tok[i]
-        for r in range(knn.shape[1]):
+        for r in range(k1):
             j = slot[knn[t, r]]
             x = w[t, r]
             hit = (j >= 0) & (x > 0)
-            jj = max(j, 0)
-            dense[jj, i] = x if hit else dense[jj, i]
             back = hit & ~back_live[t, r]
-            dense[i, jj] = x if back else dense[i, jj]
+            flat[j * m + i if hit else scratch + r] = x
+            flat[i * m + j if back else scratch + k1 + r] = x
 
 
 @njit(**OPTS)
@@ -80,28 +87,36 @@ def _kernel(tok, knn, w, back_live, slot, count, indptr, cols, vals, dense_buf):
     m = n + 1
     for i in range(n):
         slot[tok[i]] = i
-    # the entries of each row, counted without branches (see _dense_edges); their total decides
-    # the layout
-    count[:m] = 1  # the diagonal
+    # The number of entries decides the layout: a reduction without branches (see _dense_edges)
+    # that vectorizes; the entries of each row are counted only for the CSR layout.
+    k1 = knn.shape[1]
+    nnz = m
     for i in range(n):
         t = tok[i]
-        for r in range(knn.shape[1]):
-            j = slot[knn[t, r]]
-            hit = (j >= 0) & (w[t, r] > 0)
-            count[i] += int(hit)
-            count[max(j, 0)] += int(hit & ~back_live[t, r])
-    nnz = 0
-    for i in range(m):
-        nnz += count[i]
+        for r in range(k1):
+            hit = (slot[knn[t, r]] >= 0) & (w[t, r] > 0)
+            nnz += int(hit) + int(hit & ~back_live[t, r])
     dense = dense_buf[:0].reshape((0, 0))  # none: CSR
-    if m * m <= dense_buf.shape[0] and m * m <= 4 * nnz:
+    if m * m + 2 * k1 <= dense_buf.shape[0] and m * m <= 4 * nnz:
         # C-contiguous (a 2-D slice of a larger matrix would not be, and would not vectorize)
         dense = dense_buf[: m * m].reshape((m, m))
         dense[:, :] = 0.0
-        _dense_edges(tok, knn, w, back_live, slot, dense)
+        _dense_edges(tok, knn, w, back_live, slot, dense_buf, m)
         for i in range(m):
             dense[i, i] = 1.0
     else:
+        # (a row's own count in a register; a reverse entry's count at its row, a miss's at a
+        # scratch place after the m rows, one per list column: see _dense_edges)
+        count[:m] = 1  # the diagonal
+        for i in range(n):
+            t = tok[i]
+            own = 0
+            for r in range(k1):
+                j = slot[knn[t, r]]
+                hit = (j >= 0) & (w[t, r] > 0)
+                own += int(hit)
+                count[j if hit & ~back_live[t, r] else m + r] += 1
+            count[i] += own
         indptr[0] = 0
         for i in range(m):
             indptr[i + 1] = indptr[i] + count[i]
@@ -218,82 +233,122 @@ _DENSE_MAX = 256
 
 
 @njit(**OPTS)
-def _chunk(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, back_live, eps, max_iter,
-           tol, lo, hi, res):  # fmt: skip
+def _batch_support(ids, valid, actions, knn, w, mutual, pad, eos):
+    """The batch-wide support (``paper.paper_support``) as flags over the vocabulary, its size,
+    and the first u-update's row sums of its kernel per token (``paper.first_row_sums``: 1 + every
+    in-support edge once, a mutual edge at its source only, with the source's own value)."""
+    V = knn.shape[0]
+    inside = np.zeros(V, dtype=np.bool_)
+    for p in range(ids.shape[0]):
+        inside[actions[p]] = True
+        for i in range(ids.shape[1]):
+            if valid[p, i]:
+                inside[ids[p, i]] = True
+    inside[pad] = False
+    inside[eos] = True
+    size = 0
+    rowsum = np.ones(V, dtype=np.float32)
+    for t in range(V):
+        if inside[t]:
+            size += 1
+            own = np.float32(0.0)
+            for r in range(knn.shape[1]):
+                own += w[t, r] if inside[knn[t, r]] else np.float32(0.0)
+            rowsum[t] += own
+    for t in range(V):  # the one-way edges, at their far end
+        if inside[t]:
+            for r in range(knn.shape[1]):
+                j = knn[t, r]
+                if inside[j] and not mutual[t, r]:
+                    rowsum[j] += w[t, r]
+    return inside, size, rowsum
+
+
+@njit(**OPTS)
+def _chunk(ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_live, eps,
+           max_iter, tol, lo, hi, res):  # fmt: skip
     eps64 = eps[1]
     eps = np.float32(eps[0])
     S = ids.shape[1]
     m = S + 1
     cap = m + 2 * S * knn.shape[1]
     slot = np.full(knn.shape[0], -1, dtype=np.int32)
-    count = np.empty(m, dtype=np.int64)
+    count = np.empty(m + knn.shape[1], dtype=np.int64)  # + _kernel's scratch places
     indptr = np.empty(m + 1, dtype=np.int64)
     cols, vals = np.empty(cap, dtype=np.int32), np.empty(cap, dtype=np.float32)
-    dense_buf = np.empty(min(m, _DENSE_MAX) ** 2, dtype=np.float32)
+    dense_buf = np.empty(min(m, _DENSE_MAX) ** 2 + 2 * knn.shape[1], dtype=np.float32)
     tok = np.empty(S, dtype=ids.dtype)
     ac, bc, fc = np.empty(m, np.float32), np.empty(m, np.float32), np.empty(m, np.float32)
     for p in range(lo, hi):
-        # the position's own slots, compacted, then its dust bin
+        # the position's own slots (valid, in the batch support), compacted, then its dust bin;
+        # the action's row: its slot, -1 for a batch-support token without one, else the dust
         n = 0
-        row = -1
+        row = -2
+        sa = sb = np.float32(0.0)
         for i in range(S):
-            if own[p, i]:
-                if i == action_rows[p]:
+            t = ids[p, i]
+            if valid[p, i] and inside[t]:
+                if t == actions[p] and row == -2:
                     row = n
-                tok[n], ac[n], bc[n], fc[n] = ids[p, i], a[p, i], b[p, i], first_rowsum[p, i]
+                tok[n], ac[n], bc[n], fc[n] = t, np.exp(logp[p, i]), np.exp(logq[p, i]), rowsum[t]
+                sa += ac[n]
+                sb += bc[n]
                 n += 1
-        ac[n], bc[n], fc[n] = a[p, S], b[p, S], first_rowsum[p, S]
-        if action_rows[p] == S:
-            row = n
+        ac[n], bc[n], fc[n] = max(np.float32(1.0) - sa, 0.0), max(np.float32(1.0) - sb, 0.0), 1.0
+        if row == -2:
+            row = -1 if inside[actions[p]] else n
         dense = _kernel(tok[:n], knn, w, back_live, slot, count, indptr, cols, vals, dense_buf)
-        _solve_position(ac[: n + 1], bc[: n + 1], fc[: n + 1], outside[p], row, indptr, cols,
+        _solve_position(ac[: n + 1], bc[: n + 1], fc[: n + 1], n < size, row, indptr, cols,
                         vals, dense, eps, eps64, max_iter, tol, res, p)  # fmt: skip
 
 
 @njit(parallel=True, **OPTS)
-def _solve_parallel(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, back_live, eps,
+def _solve_parallel(ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_live, eps,
                     max_iter, tol, chunks, res):  # fmt: skip
     for c in prange(chunks.shape[0] - 1):
-        _chunk(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, back_live, eps,
+        _chunk(ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_live, eps,
                max_iter, tol, chunks[c], chunks[c + 1], res)  # fmt: skip
 
 
 @njit(**OPTS)
-def _solve_serial(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, back_live, eps,
+def _solve_serial(ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_live, eps,
                   max_iter, tol, chunks, res):  # fmt: skip
-    _chunk(ids, own, a, b, first_rowsum, outside, action_rows, knn, w, back_live, eps, max_iter,
-           tol, 0, ids.shape[0], res)  # fmt: skip
+    _chunk(ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_live, eps,
+           max_iter, tol, 0, ids.shape[0], res)  # fmt: skip
 
 
-def paper_local_cpu(
+def paper_topk_cpu(
     ids: np.ndarray,
-    own: np.ndarray,
-    a: np.ndarray,
-    b: np.ndarray,
-    first_rowsum: np.ndarray,
-    outside: np.ndarray,
-    action_rows: np.ndarray,
+    valid: np.ndarray,
+    logp: np.ndarray,
+    logq: np.ndarray,
+    actions: np.ndarray,
     knn: np.ndarray,
     w: np.ndarray,
+    mutual: np.ndarray,
     back_live: np.ndarray,
+    pad_id: int,
+    eos_id: int,
     epsilon: float,
     max_iter: int,
     tol: float,
     threads: int,
-) -> dict[str, np.ndarray]:
-    """The outputs of ``paper_sinkhorn_local`` (``f_mean`` and ``value`` always) for P positions:
-    ``ids``, ``own`` (P, S); ``a``, ``b``, ``first_rowsum`` (P, S + 1) float32, the dust bin last;
-    ``outside``, ``action_rows`` (P,); ``knn`` (V, k1) int32 and ``w`` (V, k1) float32 from
-    ``paper.paper_knn_kernel``, ``back_live`` (V, k1) bool from ``paper.paper_reverse_live``."""
+) -> tuple[int, dict[str, np.ndarray]]:
+    """The batch support's size and the outputs of ``paper_sinkhorn_local`` (``f_mean`` and
+    ``value`` always) for the P positions of a ``TopKPair``: ``ids``, ``valid``, ``logp``,
+    ``logq`` (P, S) and ``actions`` (P,) of its masked positions; ``knn`` (V, k1) int32 and ``w``
+    (V, k1) float32 from ``paper.paper_knn_kernel``, ``mutual`` (V, k1) bool from
+    ``paper._mutual`` and ``back_live`` from ``paper.paper_reverse_live``."""
     P = ids.shape[0]
     res = np.zeros((P, 7), dtype=np.float64)
+    inside, size, rowsum = _batch_support(ids, valid, actions, knn, w, mutual, pad_id, eos_id)
     chunks = chunk_bounds(P, threads)
     # eps as float64 (the OT value's entropy terms) and, inside, as float32 (the iteration)
     eps = np.array([epsilon, epsilon], dtype=np.float64)
-    args = (ids, own, a, b, first_rowsum, outside, action_rows, knn, w, back_live, eps, int(max_iter),
-            np.float32(tol), chunks, res)  # fmt: skip
+    args = (ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_live, eps,
+            int(max_iter), np.float32(tol), chunks, res)  # fmt: skip
     launch(_solve_parallel, _solve_serial, threads, P, *args)
-    return {
+    return int(size), {
         "iterations": res[:, 0].astype(np.int64),
         "converged": res[:, 1] > 0,
         "marginal_error": res[:, 2].astype(np.float32),

@@ -18,9 +18,9 @@ import torch
 from wprctl.errors import UserError
 from wprctl.ot.graph import CostGraph, check_epsilon
 from wprctl.ot.paper import (
-    first_row_sums,
     local_problems,
     paper_knn_kernel,
+    paper_mutual,
     paper_reverse_live,
     paper_sinkhorn,
     paper_sinkhorn_local,
@@ -28,7 +28,7 @@ from wprctl.ot.paper import (
     support_kernel,
     tile_columns,
 )
-from wprctl.ot.threads import backend_threads, single_thread, single_threaded_when
+from wprctl.ot.threads import backend_threads, single_threaded_when
 from wprctl.ot.topk import TopKPair, batch_support, check_logits, compress_topk
 from wprctl.ot.wellposed import support_edges, wellposed_solve
 
@@ -221,6 +221,17 @@ def _paper_topk(
 ) -> WPRResult:
     """``per_position``: solve one small problem per position (None: when it is less work)."""
     mask = pair.mask
+    threads = backend_threads(backend, pair.indices.device)
+    # the compiled path keeps room for 2 S k1 kernel entries per running chunk (8 bytes each)
+    if (
+        threads > 0
+        and per_position is not False
+        and bool(mask.any())
+        and pair.indices.shape[-1] * graph.knn.shape[1] <= 2**22
+    ):
+        return _paper_topk_cpu(
+            pair, graph, epsilon, max_iter, tol, gauge, pad_id, eos_id, return_value, threads
+        )
     ids, valid = pair.indices[mask], pair.valid[mask]
     support = paper_support(ids[valid], pair.actions[mask], pad_id, eos_id)
     P, Ns = ids.shape[0], support.numel()
@@ -232,9 +243,7 @@ def _paper_topk(
     if per_position is None:
         per_position = P > 1 and Ns >= 2 * ids.shape[1]
     if per_position:
-        return _paper_local(
-            pair, support, graph, epsilon, max_iter, tol, gauge, return_value, backend
-        )
+        return _paper_local(pair, support, graph, epsilon, max_iter, tol, gauge, return_value)
     a_sub = torch.zeros(P, Ns, dtype=torch.float32, device=ids.device)
     b_sub = torch.zeros_like(a_sub)
     rows = torch.searchsorted(support, ids)
@@ -248,6 +257,37 @@ def _paper_topk(
     )  # fmt: skip
 
 
+def _paper_topk_cpu(
+    pair: TopKPair,
+    graph: CostGraph,
+    epsilon: float,
+    max_iter: int,
+    tol: float,
+    gauge: str,
+    pad_id: int,
+    eos_id: int,
+    return_value: bool,
+    threads: int,
+) -> WPRResult:
+    """``_paper_local`` compiled (``paper_cpu``, on ``threads`` threads) from the pair's arrays
+    to the results: the batch support, each position's problem and its solve in one call."""
+    from wprctl.ot.paper_cpu import paper_topk_cpu
+
+    mask, device = pair.mask, pair.indices.device
+    knn, w = paper_knn_kernel(graph, epsilon, device)
+    graph_arrays = (knn, w, paper_mutual(graph, device), paper_reverse_live(graph, epsilon, device))
+    pair_arrays = (pair.indices, pair.valid, pair.logp, pair.logq, pair.actions)
+    Ns, out = paper_topk_cpu(
+        *(x[mask].contiguous().numpy() for x in pair_arrays),
+        *(x.contiguous().numpy() for x in graph_arrays),
+        pad_id, eos_id, epsilon, max_iter, tol, threads,
+    )  # fmt: skip
+    return _paper_finish(
+        mask, {k: torch.from_numpy(v) for k, v in out.items()}, gauge, return_value, Ns
+    )
+
+
+@single_threaded_when(lambda pair, *_: pair.indices.device.type == "cpu")  # small tensor ops
 def _paper_local(
     pair: TopKPair,
     support: torch.Tensor,
@@ -257,54 +297,35 @@ def _paper_local(
     tol: float,
     gauge: str,
     return_value: bool,
-    backend: str = "auto",
 ) -> WPRResult:
-    """``_paper_topk`` as one small problem per position (``paper.local_problems``): compiled
-    (``paper_cpu``, on the caller's threads) or as tensor code, see ``backend_threads``."""
-    threads = backend_threads(backend, pair.indices.device)
-    with single_thread(pair.indices.device.type == "cpu"):  # the tensor ops here are small
-        mask = pair.mask
-        ids, valid = pair.indices[mask], pair.valid[mask]
-        actions = pair.actions[mask]
-        P, S = ids.shape
-        Ns = support.numel()
-        # the slots with mass: valid ids of the batch support (not the pad id, unless it is eos)
-        at = torch.searchsorted(support, ids).clamp_max(Ns - 1)
-        own = valid & (support[at] == ids)
-        a = torch.zeros(P, S + 1, dtype=torch.float32, device=ids.device)
-        b = torch.zeros_like(a)
-        a[:, :S] = torch.where(own, pair.logp[mask].exp(), a[:, :S])
-        b[:, :S] = torch.where(own, pair.logq[mask].exp(), b[:, :S])
-        a[:, S] = (1.0 - a[:, :S].sum(1)).clamp_min(0.0)
-        b[:, S] = (1.0 - b[:, :S].sum(1)).clamp_min(0.0)
-        # the action's slot; -1 if it is a batch-support token without a slot here; else the dust
-        slot = torch.searchsorted(ids, actions.unsqueeze(1)).squeeze(1).clamp_max(S - 1)
-        has_slot = own.gather(1, slot.unsqueeze(1)).squeeze(1)
-        has_slot &= ids.gather(1, slot.unsqueeze(1)).squeeze(1) == actions
-        col = torch.searchsorted(support, actions).clamp_max(max(Ns - 1, 0))
-        in_support = support[col] == actions
-        rows = torch.where(has_slot, slot, torch.where(in_support, -1, S))
-        # the compiled path keeps room for 2 S k1 kernel entries per running chunk (8 bytes each)
-        if threads > 0 and S * graph.knn.shape[1] <= 2**22:
-            from wprctl.ot.paper_cpu import paper_local_cpu
-
-            first_rowsum, outside = first_row_sums(graph, support, ids, own, epsilon)
-            knn, w = paper_knn_kernel(graph, epsilon, ids.device)
-            back_live = paper_reverse_live(graph, epsilon, ids.device)
-            arrays = (ids, own, a, b, first_rowsum, outside, rows, knn, w, back_live)
-            out = {
-                k: torch.from_numpy(v)
-                for k, v in paper_local_cpu(
-                    *(x.contiguous().numpy() for x in arrays), epsilon, max_iter, tol, threads
-                ).items()
-            }
-        else:
-            lp = local_problems(graph, support, ids, own, epsilon)
-            out = paper_sinkhorn_local(
-                lp, a, b, rows, epsilon, max_iter, tol, centered=gauge == "centered",
-                value=return_value,
-            )  # fmt: skip
-        return _paper_finish(mask, out, gauge, return_value, Ns)
+    """``_paper_topk`` as one small problem per position (``paper.local_problems``) in tensor
+    code (CUDA; ``_paper_topk_cpu`` is the CPU's)."""
+    mask = pair.mask
+    ids, valid = pair.indices[mask], pair.valid[mask]
+    actions = pair.actions[mask]
+    P, S = ids.shape
+    Ns = support.numel()
+    # the slots with mass: valid ids of the batch support (not the pad id, unless it is eos)
+    at = torch.searchsorted(support, ids).clamp_max(Ns - 1)
+    own = valid & (support[at] == ids)
+    a = torch.zeros(P, S + 1, dtype=torch.float32, device=ids.device)
+    b = torch.zeros_like(a)
+    a[:, :S] = torch.where(own, pair.logp[mask].exp(), a[:, :S])
+    b[:, :S] = torch.where(own, pair.logq[mask].exp(), b[:, :S])
+    a[:, S] = (1.0 - a[:, :S].sum(1)).clamp_min(0.0)
+    b[:, S] = (1.0 - b[:, :S].sum(1)).clamp_min(0.0)
+    # the action's slot; -1 if it is a batch-support token without a slot here; else the dust
+    slot = torch.searchsorted(ids, actions.unsqueeze(1)).squeeze(1).clamp_max(S - 1)
+    has_slot = own.gather(1, slot.unsqueeze(1)).squeeze(1)
+    has_slot &= ids.gather(1, slot.unsqueeze(1)).squeeze(1) == actions
+    col = torch.searchsorted(support, actions).clamp_max(max(Ns - 1, 0))
+    in_support = support[col] == actions
+    rows = torch.where(has_slot, slot, torch.where(in_support, -1, S))
+    lp = local_problems(graph, support, ids, own, epsilon)
+    out = paper_sinkhorn_local(
+        lp, a, b, rows, epsilon, max_iter, tol, centered=gauge == "centered", value=return_value
+    )
+    return _paper_finish(mask, out, gauge, return_value, Ns)
 
 
 # ------------------------------------------------------------------------------------ wellposed

@@ -33,16 +33,26 @@ _local = threading.local()
 
 def compiled_threads() -> int:
     """Threads for the compiled (numba) solvers on this thread: its ``set_compiled_threads``
-    value, else its intra-op thread count."""
+    count, else its intra-op thread count (``free_threads``: how many a launch takes now)."""
     return getattr(_local, "compiled", None) or torch.get_num_threads()
 
 
-def set_compiled_threads(n: int | None) -> None:
+def set_compiled_threads(n: int | None, shared: Callable[[], bool] | None = None) -> None:
     """Let the compiled solvers called from this thread use ``n`` threads (None: the intra-op
-    count). For a thread that keeps one intra-op thread for PyTorch's sake (an OpenMP team per
-    thread, see ``wprctl.stages.ppo``) but may run numba's own pool, whose threads sleep when
-    idle, on every core."""
+    count), and one while ``shared()`` is true. For a thread that keeps one intra-op thread for
+    PyTorch's sake (an OpenMP team per thread, see ``wprctl.stages.ppo``) but may run numba's own
+    pool, whose threads sleep when idle, on the cores another thread leaves it. The compiled
+    solvers give the same bits with any count, so a count that follows what the other threads
+    are doing is safe."""
     _local.compiled = n
+    _local.shared = shared
+
+
+def free_threads(threads: int) -> int:
+    """``threads``, or one while this thread's ``set_compiled_threads`` says the cores are shared:
+    what a compiled launch (``compiled.launch``) takes at its start."""
+    shared = getattr(_local, "shared", None)
+    return 1 if shared is not None and shared() else threads
 
 
 def backend_threads(backend: str, device: torch.device) -> int:

@@ -11,13 +11,14 @@ size V.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from wprctl.errors import UserError
 from wprctl.ot.threads import backend_threads
-from wprctl.ot.topk_cpu import select_support
+from wprctl.ot.topk_cpu import compress_rows
 
 
 @dataclass
@@ -230,10 +231,10 @@ def compress_topk(
     With ``k >= V`` the support is the whole vocabulary (no truncation). Only O(k) values per
     position are kept; the full softmax is computed one row block at a time, for the positions
     in ``mask`` only (the others get a placeholder, see below). ``backend`` (``auto``,
-    ``compiled``, ``torch``) as in the solvers: on the CPU the support is selected by compiled
-    code (``topk_cpu``, 2-3x faster than ``torch.topk``), elsewhere by ``torch.topk``. The two
-    agree except among tied logits at the k-th place, which the compiled code breaks by the lower
-    token id and ``torch.topk`` leaves unspecified.
+    ``compiled``, ``torch``) as in the solvers: on the CPU by compiled code, one pass per row
+    (``topk_cpu``), elsewhere by tensor ops and ``torch.topk``. The two pick the same support
+    except among tied logits at the k-th place, which the compiled code breaks by the lower token
+    id and ``torch.topk`` leaves unspecified, and agree on the masses to float32 rounding.
 
     ``support`` (sorted distinct token ids holding every masked position's action, e.g.
     ``batch_support``): every position gets these slots instead of its own top-k; ``k`` is then
@@ -270,39 +271,72 @@ def compress_topk(
     # the softmax through the dot products and gathers. At V = 32k, 2 threads, that is 1.5x
     # faster than 64 MB blocks; 0.5 MB blocks are slower again (op overhead, thread barriers).
     block = max(1, 2**20 // V)
-    for lo in range(0, n, block):
-        hi = min(n, lo + block)
-        rows = torch.arange(lo, hi, device=device) if todo is None else todo[lo:hi]
-        x = _block_rows(policy_logits, rows, None if todo is not None else (lo, hi)).float()
-        z = _block_rows(ref_logits, rows, None if todo is not None else (lo, hi)).float()
-        _check_finite_rows(x, z, rows, T)
-        if support is not None:
-            ids = support.expand(rows.numel(), S)
-            top_x = top_z = None
-        elif threads:
-            ids, tops = select_support(x, z, flat_y.index_select(0, rows).view(-1), k, threads)
-            top_x, top_z = tops[:, :1], tops[:, 1:]
-        else:
-            # top-k of the logits = top-k of the log-probabilities; sorted, so column 0 is the max
-            top_x = torch.topk(x, k, dim=-1).indices
-            top_z = torch.topk(z, k, dim=-1).indices
-            ids = (
-                torch.cat([top_x, top_z, flat_y.index_select(0, rows)], dim=-1).sort(dim=-1).values
+
+    def blocks() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for lo in range(0, n, block):
+            hi = min(n, lo + block)
+            rows = torch.arange(lo, hi, device=device) if todo is None else todo[lo:hi]
+            span = None if todo is not None else (lo, hi)
+            yield (
+                rows,
+                _block_rows(policy_logits, rows, span).float(),
+                _block_rows(ref_logits, rows, span).float(),
             )
-            top_x, top_z = top_x[:, :1], top_z[:, :1]
-        for row, (t, top, out) in enumerate(((x, top_x, flat_lp), (z, top_z, flat_lq))):
-            p, lse = _softmax_lse(t, top)
-            # sum p log p = sum p (x - lse); sum p is 1 up to rounding, so it is kept
-            dot = torch.bmm(p.unsqueeze(1), t.unsqueeze(2)).view(-1)
-            sums[row].index_copy_(0, rows, dot.double() - lse.double() * p.sum(-1).double())
-            out.index_copy_(0, rows, t.gather(1, ids) - lse.unsqueeze(1))
-            del p
-        flat_idx.index_copy_(0, rows, ids)
-    valid = torch.ones(B, T, S, dtype=torch.bool, device=device)
-    valid[..., 1:] = idx[..., 1:] != idx[..., :-1]
-    action_slot = torch.searchsorted(idx, actions.unsqueeze(-1).contiguous()).squeeze(-1)
-    tail_p, tail_q = _tail(logp, valid), _tail(logq, valid)
-    tails = _tail_sums(sums.view(2, B, T), logp, logq, valid, tail_p, tail_q, full)
+
+    if threads:
+        # one compiled pass per row (``topk_cpu.compress_rows``): no tensor op per block but
+        # the copies in and out
+        valid = torch.zeros(B * T, S, dtype=torch.bool, device=device)
+        valid[:, 0] = True
+        action_slot = torch.zeros(B * T, dtype=torch.long, device=device)
+        tails = torch.zeros(B * T, 4, dtype=torch.float64, device=device)
+        for rows, x, z in blocks():
+            out = compress_rows(x, z, flat_y.index_select(0, rows).view(-1), k, support, full,
+                                threads)  # fmt: skip
+            bad = out["bad"].nonzero()
+            if bad.numel():
+                r, side = int(rows[int(bad[0, 0])]), int(out["bad"][int(bad[0, 0])])
+                name = "policy_logits" if side == 1 else "ref_logits"
+                raise UserError(
+                    f"WPR: {name} at position (b={r // T}, t={r % T}) hold NaN or +inf (or "
+                    f"only -inf)"
+                )
+            for dst, name in ((flat_idx, "ids"), (flat_lp, "logp"), (flat_lq, "logq"),
+                              (valid, "valid"), (action_slot, "slot"), (tails, "tails")):  # fmt: skip
+                dst.index_copy_(0, rows, out[name])
+        valid, action_slot = valid.view(B, T, S), action_slot.view(B, T)
+        tail_p, tail_q, tail_plogp, tail_qlogq = tails.view(B, T, 4).unbind(-1)
+    else:
+        for rows, x, z in blocks():
+            _check_finite_rows(x, z, rows, T)
+            if support is not None:
+                ids = support.expand(rows.numel(), S)
+                top_x = top_z = None
+            else:
+                # top-k of the logits = top-k of the log-probabilities; sorted, so column 0 is
+                # the max
+                top_x = torch.topk(x, k, dim=-1).indices
+                top_z = torch.topk(z, k, dim=-1).indices
+                ids = torch.cat([top_x, top_z, flat_y.index_select(0, rows)], dim=-1)
+                ids = ids.sort(dim=-1).values
+                top_x, top_z = top_x[:, :1], top_z[:, :1]
+            for row, (t, top, out_lp) in enumerate(((x, top_x, flat_lp), (z, top_z, flat_lq))):
+                p, lse = _softmax_lse(t, top)
+                # sum p log p = sum p (x - lse); sum p is 1 up to rounding, so it is kept. A -inf
+                # logit (probability 0) counts as the lowest float: 0 * -inf would be NaN.
+                low = torch.finfo(t.dtype).min
+                dot = torch.bmm(p.unsqueeze(1), t.clamp_min(low).unsqueeze(2)).view(-1)
+                sums[row].index_copy_(0, rows, dot.double() - lse.double() * p.sum(-1).double())
+                out_lp.index_copy_(0, rows, t.gather(1, ids) - lse.unsqueeze(1))
+                del p
+            flat_idx.index_copy_(0, rows, ids)
+        valid = torch.ones(B, T, S, dtype=torch.bool, device=device)
+        valid[..., 1:] = idx[..., 1:] != idx[..., :-1]
+        action_slot = torch.searchsorted(idx, actions.unsqueeze(-1).contiguous()).squeeze(-1)
+        tail_p, tail_q = _tail(logp, valid), _tail(logq, valid)
+        tail_plogp, tail_qlogq = _tail_sums(
+            sums.view(2, B, T), logp, logq, valid, tail_p, tail_q, full
+        )
     return TopKPair(
         indices=idx,
         logp=logp,
@@ -310,8 +344,8 @@ def compress_topk(
         valid=valid,
         tail_p=tail_p,
         tail_q=tail_q,
-        tail_plogp=tails[0],
-        tail_qlogq=tails[1],
+        tail_plogp=tail_plogp,
+        tail_qlogq=tail_qlogq,
         actions=actions,
         action_slot=action_slot,
         mask=mask_b,

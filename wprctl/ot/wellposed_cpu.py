@@ -524,7 +524,7 @@ def solve_stage(
     out = np.zeros((la.shape[0], 4))
     settings = np.array([max_iter, tol, max_cg, cap, damp], dtype=np.float64)
     args = (la, lb, laD, lbD, lam, ptr, ei, ej, ce, lam_r, log_rho, F, G, H, settings, out)
-    launch(_solve_parallel, _solve_serial, threads, la.shape[0], *args)
+    launch(_solve_parallel, _solve_serial, threads, la.shape[0], *args, long=True)
     return out
 
 

@@ -34,19 +34,26 @@ then joins. The result is bit-identical to running them one after the other:
   outnumber the cores libgomp cuts its spin-waiting short, so every one of the main thread's many
   small parallel ops (generation, forward, training) sleeps and wakes its threads: measured 1.6-2x
   slower on 2 cores. On a many-core CPU the regularizer thus gives up its intra-op parallelism,
-  except in the compiled OT solvers (``wellposed``, and ``paper`` on the top-k path: numba's own
-  pool, whose threads sleep when idle), which keep the main thread's count
-  (`set_compiled_threads`) and give the same bits with any;
+  except in its compiled code (the top-k compression and the OT solvers: numba's own pool, whose
+  threads sleep when idle), which takes the main thread's count (`set_compiled_threads`) and
+  gives the same bits with any;
 * while the worker solves an OT problem (a regularizer on top-k distributions), the main thread
-  computes values and score with one intra-op thread fewer (on the CPU), so that its parallel
-  ops do not wait at every barrier for a thread that the worker displaced. For the per-token
+  computes values and score with one intra-op thread fewer (on the CPU,
+  `_RegularizerWorker.sharing_cores`), so that its parallel ops do not wait at every barrier for
+  a thread that the worker displaced, and the worker's short compiled launches (compression,
+  ``paper``) take the one core left (`wprctl.ot.compiled.launch`; the long ``wellposed`` solve
+  takes every core from the start: numba splits its positions over the threads when it
+  starts). Measured on the demo (2 cores): with the compiled code on both cores beside the main
+  thread WPR `paper` added 10-14 ms to a step, on the one core left 8-10 ms. For the per-token
   regularizers (kl, fdiv) the worker's share is a few small ops and the main thread keeps all.
-  On the demo (2 cores) that lost thread is most of what WPR adds to a step (values + score
-  8 + 8 ms on 2 threads, 13 + 13 on 1), whatever the worker's length. The count is fixed per
-  regularizer, not handed back when the worker finishes: MKL's results are not bit-identical
-  on 1 and 2 threads for every shape, and a count that depends on timing would make runs
-  irreproducible. Running the regularizer after values and score on both threads instead was
-  measured slower (its small ops gain nothing from the second thread);
+  On the demo that lost thread is most of what WPR adds to a step (values + score 8 + 8 ms on 2
+  threads, 13 + 13 on 1). The main thread's count is fixed per regularizer, not handed back when
+  the worker finishes: MKL's results are not bit-identical on 1 and 2 threads for every shape,
+  and a count that depends on timing would make runs irreproducible (the compiled code's
+  count may follow timing: its bits do not depend on it). Running the regularizer after values
+  and score on both threads instead was measured slower, and so was overlapping values alone
+  and computing the score on both threads after the join (the worker, 17-21 ms in PPO, outlasts
+  the values' 10-13 ms);
 * grad mode is per thread: the worker runs under `torch.no_grad()` like `experience`;
 * on CUDA the worker first selects this process's device; both threads issue to the device's
   default stream, so the worker's kernels are ordered after the forward passes that produced its
@@ -69,11 +76,13 @@ step's wall time is the sum of all but `regularizer_solve`.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -159,12 +168,14 @@ class _RegularizerWorker:
 
     def __init__(self, reg: Regularizer, device: torch.device) -> None:
         self.reg = reg
-        threads = torch.get_num_threads()  # (also initializes this thread's count, see below)
+        threads = torch.get_num_threads()
+        # set while the main thread computes beside the worker (see ``sharing_cores``)
+        self._sharing = threading.Event()  # (also initializes this thread's count, see below)
         self._pool = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="wprctl-regularizer",
             initializer=_init_worker_thread,
-            initargs=(device, threads),
+            initargs=(device, threads, self._sharing.is_set),
         )
         self._pool.submit(lambda: None).result()  # start the thread: run the initializer now
         # torch.set_num_threads(1) on the worker also set the process-wide default that threads
@@ -192,19 +203,35 @@ class _RegularizerWorker:
         divergence = self.reg.divergence(batch)
         return RegOutput(penalty, divergence, time.time() - t0)
 
+    @contextmanager
+    def sharing_cores(self, enabled: bool = True) -> Iterator[None]:
+        """The main thread computes beside the worker in this block, on one intra-op thread fewer
+        (when ``enabled``): the worker's compiled launches then take the one core left, and every
+        core again once the main thread only waits for it."""
+        if not enabled:
+            yield
+            return
+        self._sharing.set()
+        try:
+            with intra_op_threads(torch.get_num_threads() - 1):
+                yield
+        finally:
+            self._sharing.clear()
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _init_worker_thread(device: torch.device, threads: int) -> None:
+def _init_worker_thread(device: torch.device, threads: int, shared: Callable[[], bool]) -> None:
     # One intra-op thread, so the worker never leads an OpenMP team of its own (module docstring).
     # get_num_threads first: a thread's first query initializes its count from the process-wide
     # value, which would undo a set_num_threads made before it.
     torch.get_num_threads()
     torch.set_num_threads(1)
-    # The compiled solvers (numba's pool, not OpenMP) keep the main thread's count: once values
-    # and score are done the main thread only waits, and the solve has every core.
-    set_compiled_threads(threads)
+    # The compiled solvers (numba's pool, not OpenMP) take the main thread's count, but one core
+    # while the main thread computes beside them (``sharing_cores``): once values and score are
+    # done the main thread only waits, and the solve has every core.
+    set_compiled_threads(threads, shared)
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
@@ -344,7 +371,7 @@ class PPORecipe:
             # an OT solve holds a core: on the CPU this thread takes the others, so that its
             # parallel ops do not wait at every barrier for a thread the worker displaced
             solving = seq.device.type == "cpu" and bool(self.reg.topk)
-            with intra_op_threads(torch.get_num_threads() - 1, solving):
+            with self.reg_worker.sharing_cores(solving):
                 values = token_values(self.critic, seq, attn, P) * mask
                 prompts_text = decode(self.tokenizer, prompt_ids, prompt_mask)
                 responses_text = decode(self.tokenizer, responses, mask)
