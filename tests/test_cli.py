@@ -76,3 +76,27 @@ def test_init_then_status(tmp_path: Path) -> None:
     data = json.loads(res.stdout)
     assert {row["name"] for row in data["stages"]} >= {"sft", "rm"}
     assert all(row["status"] == "not started" for row in data["stages"])
+
+
+@pytest.mark.parametrize("given", [None, "777"])
+def test_cli_sets_libgomps_spin_count_before_torch_loads_and_keeps_a_users(given) -> None:
+    """``GOMP_SPINCOUNT`` (see ``wprctl.cli.OPENMP_DEFAULTS``) is in the environment by the time a
+    command imports PyTorch, whose libgomp reads it once at load; a user's own value wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from wprctl.cli import main\n"
+        "assert 'torch' not in sys.modules\n"
+        "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "import os; print(os.environ['GOMP_SPINCOUNT'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if given is not None:
+        env["GOMP_SPINCOUNT"] = given
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split()[-1] == (given or "20000")

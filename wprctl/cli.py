@@ -4,6 +4,7 @@ and turns wprctl's errors into messages and exit statuses (2 bad input, 1 run fa
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import typer
@@ -45,8 +46,20 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"wprctl.commands.{_name}").register(app)
 
 
+# libgomp (PyTorch's OpenMP on Linux) keeps an idle team thread spinning for GOMP_SPINCOUNT
+# iterations after each parallel region, 300000 by default: milliseconds of a core. PPO's
+# regularizer worker starts right after the forward passes, beside the main thread's last parallel
+# region, and lost that core to the spin (measured on the demo, 2 cores: the worker's 10 ms of CPU
+# took 17 ms; with 20000 it takes 11 ms, and the main thread's own phases, whose parallel ops come
+# microseconds apart, run as fast as before). Set before PyTorch is imported (libgomp reads it
+# once); a value in the environment is kept.
+OPENMP_DEFAULTS = {"GOMP_SPINCOUNT": "20000"}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; a WprctlError becomes a one-paragraph message and its exit code."""
+    for key, value in OPENMP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     from rich.markup import escape
 
     from wprctl import launch

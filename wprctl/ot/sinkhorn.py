@@ -220,18 +220,29 @@ def _paper_topk(
     backend: str = "auto",
 ) -> WPRResult:
     """``per_position``: solve one small problem per position (None: when it is less work)."""
-    mask = pair.mask
-    threads = backend_threads(backend, pair.indices.device)
-    # the compiled path keeps room for 2 S k1 kernel entries per running chunk (8 bytes each)
+    mask, device = pair.mask, pair.indices.device
+    threads = backend_threads(backend, device)
+    # On the CPU, compiled from the pair's arrays to the results (``paper_cpu``: the batch
+    # support, each position's problem and its solve in one call, no tensor glue); it keeps room
+    # for 2 S k1 kernel entries per running chunk (8 bytes each).
     if (
         threads > 0
         and per_position is not False
         and bool(mask.any())
         and pair.indices.shape[-1] * graph.knn.shape[1] <= 2**22
     ):
-        return _paper_topk_cpu(
-            pair, graph, epsilon, max_iter, tol, gauge, pad_id, eos_id, return_value, threads
-        )
+        from wprctl.ot.paper_cpu import paper_topk_cpu
+
+        knn, w = paper_knn_kernel(graph, epsilon, device)
+        mutual, live = paper_mutual(graph, device), paper_reverse_live(graph, epsilon, device)
+        pair_arrays = (pair.indices, pair.valid, pair.logp, pair.logq, pair.actions)
+        Ns, out = paper_topk_cpu(
+            *(x[mask].contiguous().numpy() for x in pair_arrays),
+            *(x.contiguous().numpy() for x in (knn, w, mutual, live)),
+            pad_id, eos_id, epsilon, max_iter, tol, threads,
+        )  # fmt: skip
+        out_t = {k: torch.from_numpy(v) for k, v in out.items()}
+        return _paper_finish(mask, out_t, gauge, return_value, Ns)
     ids, valid = pair.indices[mask], pair.valid[mask]
     support = paper_support(ids[valid], pair.actions[mask], pad_id, eos_id)
     P, Ns = ids.shape[0], support.numel()
@@ -257,36 +268,6 @@ def _paper_topk(
     )  # fmt: skip
 
 
-def _paper_topk_cpu(
-    pair: TopKPair,
-    graph: CostGraph,
-    epsilon: float,
-    max_iter: int,
-    tol: float,
-    gauge: str,
-    pad_id: int,
-    eos_id: int,
-    return_value: bool,
-    threads: int,
-) -> WPRResult:
-    """``_paper_local`` compiled (``paper_cpu``, on ``threads`` threads) from the pair's arrays
-    to the results: the batch support, each position's problem and its solve in one call."""
-    from wprctl.ot.paper_cpu import paper_topk_cpu
-
-    mask, device = pair.mask, pair.indices.device
-    knn, w = paper_knn_kernel(graph, epsilon, device)
-    graph_arrays = (knn, w, paper_mutual(graph, device), paper_reverse_live(graph, epsilon, device))
-    pair_arrays = (pair.indices, pair.valid, pair.logp, pair.logq, pair.actions)
-    Ns, out = paper_topk_cpu(
-        *(x[mask].contiguous().numpy() for x in pair_arrays),
-        *(x.contiguous().numpy() for x in graph_arrays),
-        pad_id, eos_id, epsilon, max_iter, tol, threads,
-    )  # fmt: skip
-    return _paper_finish(
-        mask, {k: torch.from_numpy(v) for k, v in out.items()}, gauge, return_value, Ns
-    )
-
-
 @single_threaded_when(lambda pair, *_: pair.indices.device.type == "cpu")  # small tensor ops
 def _paper_local(
     pair: TopKPair,
@@ -299,7 +280,7 @@ def _paper_local(
     return_value: bool,
 ) -> WPRResult:
     """``_paper_topk`` as one small problem per position (``paper.local_problems``) in tensor
-    code (CUDA; ``_paper_topk_cpu`` is the CPU's)."""
+    code (CUDA; the CPU's is compiled, ``paper_cpu``)."""
     mask = pair.mask
     ids, valid = pair.indices[mask], pair.valid[mask]
     actions = pair.actions[mask]

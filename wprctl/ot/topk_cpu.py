@@ -74,8 +74,8 @@ def _kth_largest(v, n, k, work):
 
 @njit(**OPTS)
 def _top_k(row, k, bm, cv, ci, work, out):
-    """The ids of ``row``'s k best entries into ``out``, sorted by id; returns the best's id.
-    ``bm``, ``cv``, ``ci``, ``work``: scratch of the row's length."""
+    """The ids of ``row``'s k best entries into ``out``, sorted by id. ``bm``, ``cv``, ``ci``,
+    ``work``: scratch of the row's length."""
     V = row.shape[0]
     # A lower bound on the k-th best: the k-th largest of the maxima of narrow blocks (k blocks
     # hold an entry at least that large). Only those blocks can hold candidates, a few k entries.
@@ -101,24 +101,20 @@ def _top_k(row, k, bm, cv, ci, work, out):
     for c in range(n):
         above += cv[c] > kth
     ties = k - above
-    best, o = 0, 0
+    o = 0
     for c in range(n):
         if cv[c] > kth or (cv[c] == kth and ties > 0):
             if cv[c] == kth:
                 ties -= 1
             out[o] = ci[c]
             o += 1
-        if cv[c] > cv[best]:
-            best = c
-    return ci[best]
 
 
 @njit(**OPTS)
 def _select_row(xr, zr, act, k, bm, cv, ci, work, tx, tz, ids):
-    """top-k(xr) U top-k(zr) U {act}, sorted with duplicates kept, into ``ids`` (2k + 1); returns
-    the argmax ids of xr and zr."""
-    top_x = _top_k(xr, k, bm, cv, ci, work, tx)
-    top_z = _top_k(zr, k, bm, cv, ci, work, tz)
+    """top-k(xr) U top-k(zr) U {act}, sorted with duplicates kept, into ``ids`` (2k + 1)."""
+    _top_k(xr, k, bm, cv, ci, work, tx)
+    _top_k(zr, k, bm, cv, ci, work, tz)
     # merge the two sorted lists and the action
     i = j = 0
     placed = False
@@ -134,47 +130,6 @@ def _select_row(xr, zr, act, k, bm, cv, ci, work, tx, tz, ids):
         else:
             ids[o] = other
             j += 1
-    return top_x, top_z
-
-
-@njit(**OPTS)
-def _rows(x, z, y, k, ids, top, lo, hi):
-    bm = np.empty(x.shape[1], dtype=x.dtype)
-    work = np.empty(x.shape[1], dtype=x.dtype)
-    cv = np.empty(x.shape[1], dtype=x.dtype)
-    ci = np.empty(x.shape[1], dtype=np.int64)
-    tx = np.empty(k, dtype=np.int64)
-    tz = np.empty(k, dtype=np.int64)
-    for r in range(lo, hi):
-        top[r, 0], top[r, 1] = _select_row(x[r], z[r], y[r], k, bm, cv, ci, work, tx, tz, ids[r])
-
-
-@njit(parallel=True, **OPTS)
-def _select_parallel(x, z, y, k, ids, top, chunks):
-    for c in prange(chunks.shape[0] - 1):
-        _rows(x, z, y, k, ids, top, chunks[c], chunks[c + 1])
-
-
-@njit(**OPTS)
-def _select_serial(x, z, y, k, ids, top, chunks):
-    _rows(x, z, y, k, ids, top, 0, x.shape[0])
-
-
-def select_support(
-    x: torch.Tensor, z: torch.Tensor, y: torch.Tensor, k: int, threads: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of the (n, V) float32 CPU logits ``x`` (policy) and ``z`` (reference) with actions
-    ``y`` (n,): the sorted ids of top-k(x), top-k(z) and y, duplicates kept, (n, 2k + 1) int64;
-    and the argmax ids of x and z, (n, 2)."""
-    n = x.shape[0]
-    xn = np.ascontiguousarray(x.detach().numpy())
-    zn = np.ascontiguousarray(z.detach().numpy())
-    yn = np.ascontiguousarray(y.detach().numpy().astype(np.int64, copy=False))
-    ids = np.empty((n, 2 * k + 1), dtype=np.int64)
-    top = np.empty((n, 2), dtype=np.int64)
-    chunks = chunk_bounds(n, threads, per_thread=4)
-    launch(_select_parallel, _select_serial, threads, n, xn, zn, yn, k, ids, top, chunks)
-    return torch.from_numpy(ids), torch.from_numpy(top)
 
 
 # ------------------------------------------------------------------------------------ compress

@@ -51,9 +51,11 @@ then joins. The result is bit-identical to running them one after the other:
   the worker finishes: MKL's results are not bit-identical on 1 and 2 threads for every shape,
   and a count that depends on timing would make runs irreproducible (the compiled code's
   count may follow timing: its bits do not depend on it). Running the regularizer after values
-  and score on both threads instead was measured slower, and so was overlapping values alone
-  and computing the score on both threads after the join (the worker, 17-21 ms in PPO, outlasts
-  the values' 10-13 ms);
+  and score on both threads instead was measured slower; overlapping values alone and computing
+  the score on both threads after the join, no better (the worker, 11 ms in PPO, about as long
+  as the values). The worker's 10 ms of CPU took 17 ms in PPO as long as libgomp kept the main
+  thread's idle team thread spinning for its default 300000 turns after the forward passes
+  (`wprctl.cli.OPENMP_DEFAULTS` lowers that);
 * grad mode is per thread: the worker runs under `torch.no_grad()` like `experience`;
 * on CUDA the worker first selects this process's device; both threads issue to the device's
   default stream, so the worker's kernels are ordered after the forward passes that produced its
