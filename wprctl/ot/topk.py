@@ -258,8 +258,6 @@ def compress_topk(
     idx = actions.unsqueeze(-1).repeat(1, 1, S)
     logp = torch.zeros(B, T, S, dtype=torch.float32, device=device)
     logq = torch.zeros_like(logp)
-    # whole-vocabulary sums a log a and b log b (the support's part is removed below)
-    sums = torch.zeros(2, B * T, dtype=torch.float64, device=device)
     flat_idx, flat_lp, flat_lq = idx.view(B * T, S), logp.view(B * T, S), logq.view(B * T, S)
     flat_y = actions.reshape(B * T, 1)
     flat_mask = mask_b.reshape(-1)
@@ -305,8 +303,10 @@ def compress_topk(
                               (valid, "valid"), (action_slot, "slot"), (tails, "tails")):  # fmt: skip
                 dst.index_copy_(0, rows, out[name])
         valid, action_slot = valid.view(B, T, S), action_slot.view(B, T)
-        tail_p, tail_q, tail_plogp, tail_qlogq = tails.view(B, T, 4).unbind(-1)
+        tail_p, tail_q, tail_plogp, tail_qlogq = tails.T.contiguous().view(4, B, T).unbind(0)
     else:
+        # whole-vocabulary sums a log a and b log b (the support's part is removed below)
+        sums = torch.zeros(2, B * T, dtype=torch.float64, device=device)
         for rows, x, z in blocks():
             _check_finite_rows(x, z, rows, T)
             if support is not None:

@@ -283,7 +283,7 @@ def compress_rows(
     row, else the row's own top-k(x) U top-k(z) U {y}), both log-probabilities there, the valid
     flags, the action's slot, ``tails`` (n, 4) float64 = tail masses of a and b and tail sums of
     a log a and b log b, and ``bad`` (n,) int8: 1 or 2 where the policy or the reference row
-    holds NaN or +inf (its other outputs are then undefined)."""
+    holds NaN or +inf or only -inf (its other outputs are then undefined)."""
     n = x.shape[0]
     xn = np.ascontiguousarray(x.detach().numpy())
     zn = np.ascontiguousarray(z.detach().numpy())
