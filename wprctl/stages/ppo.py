@@ -46,8 +46,8 @@ then joins. The result is bit-identical to running them one after the other:
   starts). Measured on the demo (2 cores): with the compiled code on both cores beside the main
   thread WPR `paper` added 10-14 ms to a step, on the one core left 8-10 ms. For the per-token
   regularizers (kl, fdiv) the worker's share is a few small ops and the main thread keeps all.
-  On the demo that lost thread is most of what WPR adds to a step (values + score 8 + 8 ms on 2
-  threads, 13 + 13 on 1). The main thread's count is fixed per regularizer, not handed back when
+  On the demo that lost thread is most of what WPR adds to a step (values + score 13 ms on 2
+  threads, 19-21 on 1). The main thread's count is fixed per regularizer, not handed back when
   the worker finishes: MKL's results are not bit-identical on 1 and 2 threads for every shape,
   and a count that depends on timing would make runs irreproducible (the compiled code's
   count may follow timing: its bits do not depend on it). Running the regularizer after values
@@ -170,9 +170,9 @@ class _RegularizerWorker:
 
     def __init__(self, reg: Regularizer, device: torch.device) -> None:
         self.reg = reg
-        threads = torch.get_num_threads()
+        threads = torch.get_num_threads()  # (also initializes this thread's count, see below)
         # set while the main thread computes beside the worker (see ``sharing_cores``)
-        self._sharing = threading.Event()  # (also initializes this thread's count, see below)
+        self._sharing = threading.Event()
         self._pool = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="wprctl-regularizer",
