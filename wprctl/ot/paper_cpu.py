@@ -37,21 +37,23 @@ _SLACK = np.float32(1e-6)  # paper._SLACK
 
 
 @njit(**OPTS)
-def _edges(tok, knn, w, back_live, slot, count, cols, vals):
+def _edges(tok, knn, w, back_live, slot, count, cols, vals, fill):
     """Every live kNN edge among the position's tokens ``tok`` (row i = token tok[i]), found from
     its source's list: an entry of row i, and of row j too unless j's own list holds it live
     (``paper.paper_reverse_live``), so each kernel entry comes once, from the row's own list
-    when it can. Written at ``count``, the next free place of each CSR row (``_kernel`` counts
-    them first). (``_dense_edges``: the same into a dense kernel.)"""
+    when it can. Counted into ``count`` (fill False), or written at ``count``, the next free
+    place of each CSR row. (``_dense_edges``: the same into a dense kernel.)"""
     for i in range(tok.shape[0]):
         t = tok[i]
         for r in range(knn.shape[1]):
             j = slot[knn[t, r]]
             if j >= 0 and w[t, r] > 0:
-                cols[count[i]], vals[count[i]] = j, w[t, r]
+                if fill:
+                    cols[count[i]], vals[count[i]] = j, w[t, r]
                 count[i] += 1
                 if not back_live[t, r]:
-                    cols[count[j]], vals[count[j]] = i, w[t, r]
+                    if fill:
+                        cols[count[j]], vals[count[j]] = i, w[t, r]
                     count[j] += 1
 
 
@@ -105,24 +107,14 @@ def _kernel(tok, knn, w, back_live, slot, count, indptr, cols, vals, dense_buf):
         for i in range(m):
             dense[i, i] = 1.0
     else:
-        # (a row's own count in a register; a reverse entry's count at its row, a miss's at a
-        # scratch place after the m rows, one per list column: see _dense_edges)
         count[:m] = 1  # the diagonal
-        for i in range(n):
-            t = tok[i]
-            own = 0
-            for r in range(k1):
-                j = slot[knn[t, r]]
-                hit = (j >= 0) & (w[t, r] > 0)
-                own += int(hit)
-                count[j if hit & ~back_live[t, r] else m + r] += 1
-            count[i] += own
+        _edges(tok, knn, w, back_live, slot, count, cols, vals, False)
         indptr[0] = 0
         for i in range(m):
             indptr[i + 1] = indptr[i] + count[i]
             cols[indptr[i]], vals[indptr[i]] = i, 1.0
             count[i] = indptr[i] + 1
-        _edges(tok, knn, w, back_live, slot, count, cols, vals)
+        _edges(tok, knn, w, back_live, slot, count, cols, vals, True)
     for i in range(n):
         slot[tok[i]] = -1
     return dense
@@ -273,7 +265,7 @@ def _chunk(ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_l
     m = S + 1
     cap = m + 2 * S * knn.shape[1]
     slot = np.full(knn.shape[0], -1, dtype=np.int32)
-    count = np.empty(m + knn.shape[1], dtype=np.int64)  # + _kernel's scratch places
+    count = np.empty(m, dtype=np.int64)
     indptr = np.empty(m + 1, dtype=np.int64)
     cols, vals = np.empty(cap, dtype=np.int32), np.empty(cap, dtype=np.float32)
     dense_buf = np.empty(min(m, _DENSE_MAX) ** 2 + 2 * knn.shape[1], dtype=np.float32)
@@ -338,7 +330,7 @@ def paper_topk_cpu(
     ``value`` always) for the P positions of a ``TopKPair``: ``ids``, ``valid``, ``logp``,
     ``logq`` (P, S) and ``actions`` (P,) of its masked positions; ``knn`` (V, k1) int32 and ``w``
     (V, k1) float32 from ``paper.paper_knn_kernel``, ``mutual`` (V, k1) bool from
-    ``paper._mutual`` and ``back_live`` from ``paper.paper_reverse_live``."""
+    ``paper.paper_mutual`` and ``back_live`` from ``paper.paper_reverse_live``."""
     P = ids.shape[0]
     res = np.zeros((P, 7), dtype=np.float64)
     inside, size, rowsum = _batch_support(ids, valid, actions, knn, w, mutual, pad_id, eos_id)

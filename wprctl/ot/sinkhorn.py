@@ -219,7 +219,8 @@ def _paper_topk(
     per_position: bool | None = None,
     backend: str = "auto",
 ) -> WPRResult:
-    """``per_position``: solve one small problem per position (None: when it is less work)."""
+    """``per_position``: solve one small problem per position (None: when it is less work; the
+    CPU's compiled path always does)."""
     mask, device = pair.mask, pair.indices.device
     threads = backend_threads(backend, device)
     # On the CPU, compiled from the pair's arrays to the results (``paper_cpu``: the batch

@@ -249,12 +249,12 @@ def _compress_rows(x, z, y, k, support, full, ids, lp, lq, valid, slot, tails, b
         tp, sp = _gather_side(x[r], mx, ids[r], lp[r], valid[r], e, t, kb)
         tq, sq = _gather_side(z[r], mz, ids[r], lq[r], valid[r], e, t, kb)
         tails[r, 0], tails[r, 1] = tp, tq
-        # a tail sum of x log x is <= 0 (masses <= 1): rounding can leave a tiny positive rest;
-        # where it is not finite (mass under one distribution on a -inf logit of the other) or
-        # there is no tail, the lumped (tail mass) log (tail mass), as the tensor path
-        sp, sq = min(sp, 0.0), min(sq, 0.0)
-        tails[r, 2] = _xlogx(tp) if full or not np.isfinite(sp) else sp
-        tails[r, 3] = _xlogx(tq) if full or not np.isfinite(sq) else sq
+        # a tail sum of x log x is <= 0 (masses <= 1): rounding can leave a tiny positive rest.
+        # (Always finite here: -inf logits add 0, where the tensor path's float32 dot product
+        # needs a fallback.) Without a tail, the lumped (tail mass) log (tail mass) of the
+        # rounding rest, as the tensor path.
+        tails[r, 2] = _xlogx(tp) if full else min(sp, 0.0)
+        tails[r, 3] = _xlogx(tq) if full else min(sq, 0.0)
 
 
 @njit(parallel=True, **OPTS)
