@@ -212,3 +212,43 @@ def test_tokenizer_without_pad_is_exit_2(tmp_path: Path, tiny_model_dir: Path) -
     )
     assert res.returncode == 2
     assert "no pad token" in res.stderr and str(tmp_path / "nopad") in res.stderr
+
+
+def test_the_program_leaves_its_process_group_on_clean_exits(tmp_path: Path) -> None:
+    """Gloo's threads torn down by interpreter shutdown abort the process now and then (SIGABRT:
+    a finished two-rank run died with -6 in CI), so the program destroys the process group a
+    stage joined before it exits, when it finishes and when it exits 2 on bad input. A caller
+    of ``main(argv)`` keeps its process and its group (DeepSpeed cannot join a second one)."""
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    from tests.conftest import wprctl_in_process
+
+    manifest = _init(tmp_path)
+    program = (
+        "import sys\n"
+        "from wprctl.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    print('exit', exc.code)\n"
+        "import torch.distributed as dist\n"
+        "print('group', dist.is_initialized())\n"
+    )
+
+    def run(*args: str) -> list[str]:
+        proc = subprocess.run(
+            [sys.executable, "-c", program, *args, "-m", str(manifest), *MICRO],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.splitlines()[-2:]
+
+    # rm joins the group, then finds no SFT output
+    assert run("rm") == ["exit 2", "group False"]
+    assert run("sft", "--set", "sft.max_steps=1")[-1] == "group False"
+    assert (tmp_path / "runs" / "sft" / "model" / "model.safetensors").exists()
+    assert (
+        wprctl_in_process("rm", "-m", str(manifest), *MICRO, "--set", "rm.max_steps=1", "--force")
+        == 0
+    )
+    assert dist.is_initialized()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from wprctl import engine as eng
+from wprctl.cli import leave_process_group
 from wprctl.models import load_causal_lm
 
 GLOBAL_BATCH = 4
@@ -71,6 +72,7 @@ def main() -> None:
         Path(args.out).write_text(
             json.dumps({"losses": losses, "probe": probe_loss, "world": world})
         )
+    leave_process_group()
 
 
 if __name__ == "__main__":
