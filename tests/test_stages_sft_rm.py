@@ -224,7 +224,7 @@ def test_the_program_leaves_its_process_group_on_clean_exits(tmp_path: Path) -> 
 
     import torch.distributed as dist
 
-    from tests.conftest import wprctl_in_process
+    from tests.conftest import clean_env, wprctl_in_process
 
     manifest = _init(tmp_path)
     program = (
@@ -238,7 +238,7 @@ def test_the_program_leaves_its_process_group_on_clean_exits(tmp_path: Path) -> 
     def run(*args: str) -> list[str]:
         proc = subprocess.run(
             [sys.executable, "-c", program, *args, "-m", str(manifest), *MICRO],
-            capture_output=True, text=True, timeout=600,
+            env=clean_env(), capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc.stdout.splitlines()[-2:]
