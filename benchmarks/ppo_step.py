@@ -27,8 +27,9 @@ every step), which makes generation, forward and training slower for reasons tha
 regularizer's cost. The mean answer length of each variant is printed.
 
 `regularizer` is the time the step waits for the regularizer beyond the work overlapped with it
-(values and reward score, in `reward`); `solve` is the regularizer's own wall time on its worker
-thread, which is not part of the step (see `wprctl/stages/ppo.py`).
+(the values, and beside `wellposed` the reward score too, in `reward`); `solve` is the
+regularizer's own wall time on its worker thread, which is not part of the step (see
+`wprctl/stages/ppo.py`).
 
 Two ratios. The whole-step ratio compares the sums of all phases; but with beta 0 generation,
 forward and training do the same work in every variant (the same answers), so their differences

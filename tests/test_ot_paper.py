@@ -90,11 +90,18 @@ def test_topk_per_position_problems_equal_the_batch_support_problem(
 
 @pytest.mark.parametrize("gauge", ["raw", "centered"])
 @pytest.mark.parametrize("layout", ["dense", "sparse"])
-def test_compiled_per_position_problems_equal_the_tensor_ones(gauge: str, layout: str) -> None:
+@pytest.mark.parametrize("batch_kernel", [True, False])
+def test_compiled_per_position_problems_equal_the_tensor_ones(
+    gauge: str, layout: str, batch_kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``paper_cpu`` (the CPU's per-position path) against ``local_problems`` +
     ``paper_sinkhorn_local`` (the tensor path, as on CUDA): where each position's ~20 tokens have
     many kNN edges among them (~7 per row: the compiled path iterates on a dense kernel), and
-    where they have few (~2 per row: a CSR kernel)."""
+    where they have few (~2 per row: a CSR kernel); each position's kernel read from the batch
+    support's (``batch_kernel``) or found in the kNN lists."""
+    from wprctl.ot import paper_cpu
+
+    monkeypatch.setattr(paper_cpu, "BATCH_KERNEL_MAX", 1024 if batch_kernel else 0)
     V, k1 = (200, 64) if layout == "dense" else (300, 24)
     emb, logits, ref, actions, mask = problem(V=V, B=4, T=20, seed=2)
     actions[0, :3] = 0  # the pad id: outside the support (dust bin)

@@ -13,7 +13,9 @@ The tensor version builds one block-diagonal CSR kernel for all positions with s
 searches over every candidate edge. Here:
 
 * a position's edges are found with a slot map, each entry once (``paper.paper_reverse_live``
-  says which end of a mutual edge supplies it), so there is no sort or dedupe;
+  says which end of a mutual edge supplies it), so there is no sort or dedupe; or, when the
+  batch support is small (at most ``BATCH_KERNEL_MAX`` tokens: a small vocabulary such as the
+  demo's), its kernel is built once as a dense matrix and each position's block gathered from it;
 * the problem is compacted to the slots with mass (the others stay exactly 0);
 * the kernel is a CSR matrix, or a dense one when that is no more work (m^2 <= 4 nnz: a small
   vocabulary's top-k tokens are each other's neighbours, ~20 entries per row on the demo), whose
@@ -79,14 +81,17 @@ def _dense_edges(tok, knn, w, back_live, slot, flat, m):
 
 
 @njit(**OPTS)
-def _kernel(tok, knn, w, back_live, slot, count, indptr, cols, vals, dense_buf):
+def _kernel(tok, knn, w, back_live, slot, count, indptr, cols, vals, dense_buf, bpos, batch):
     """The position's kernel over m = n + 1 rows (its n tokens ``tok``, then the dust bin, which
     only has its diagonal 1): as CSR into indptr (m + 1), cols, vals (each row: the diagonal
     first, then its edges unsorted), or, when that is no more work (m^2 <= 4 nnz) and fits the
     flat ``dense_buf``, as the transposed dense (m, m) matrix, returned (else an empty one). ``slot``
-    (V,) is all -1 on entry and on return."""
+    (V,) is all -1 on entry and on return. With the batch support's kernel ``batch`` (non-empty,
+    ``_batch_kernel``) and a dense block that fits, the kernel is read from it instead."""
     n = tok.shape[0]
     m = n + 1
+    if batch.shape[0] and m * m <= dense_buf.shape[0]:
+        return _gathered_kernel(tok, bpos, batch, count, indptr, cols, vals, dense_buf)
     for i in range(n):
         slot[tok[i]] = i
     # The number of entries decides the layout: a reduction without branches (see _dense_edges)
@@ -118,6 +123,69 @@ def _kernel(tok, knn, w, back_live, slot, count, indptr, cols, vals, dense_buf):
     for i in range(n):
         slot[tok[i]] = -1
     return dense
+
+
+@njit(**OPTS)
+def _batch_kernel(inside, knn, w, back_live):
+    """The kernel of the batch support as one transposed dense (Nb, Nb) matrix, with every
+    token's index in it (``bpos``, -1 outside): its entries, as ``_dense_edges`` writes them,
+    depend on the two tokens only, so a position's kernel is a block of it (no diagonal here)."""
+    V = knn.shape[0]
+    bpos = np.full(V, -1, dtype=np.int64)
+    nb = 0
+    for t in range(V):
+        if inside[t]:
+            bpos[t] = nb
+            nb += 1
+    batch = np.zeros((nb, nb), dtype=np.float32)
+    for t in range(V):
+        i = bpos[t]
+        if i >= 0:
+            for r in range(knn.shape[1]):
+                j = bpos[knn[t, r]]
+                if j >= 0 and w[t, r] > 0:
+                    batch[j, i] = w[t, r]
+                    if not back_live[t, r]:
+                        batch[i, j] = w[t, r]
+    return bpos, batch
+
+
+@njit(**OPTS)
+def _gathered_kernel(tok, bpos, batch, count, indptr, cols, vals, dense_buf):
+    """``_kernel`` read from the batch support's kernel: the position's block of it gathered into
+    the transposed dense (m, m) matrix (its entries counted on the way), which stays when
+    m^2 <= 4 nnz (the same matrix, and choice, as ``_kernel``'s own); else its CSR form (each
+    row: the diagonal first, then its edges by column) is read off it. ``count``: scratch."""
+    n = tok.shape[0]
+    m = n + 1
+    for i in range(n):
+        count[i] = bpos[tok[i]]
+    dense = dense_buf[: m * m].reshape((m, m))
+    nnz = m
+    for a in range(n):
+        row = batch[count[a]]
+        for c in range(n):
+            x = row[count[c]]
+            dense[a, c] = x
+            nnz += x > 0
+        dense[a, n] = 0.0
+    dense[n, :] = 0.0
+    for i in range(m):
+        dense[i, i] = 1.0
+    if m * m <= 4 * nnz:
+        return dense
+    e = 0
+    for i in range(m):  # row i of the kernel is column i of the transpose
+        indptr[i] = e
+        cols[e], vals[e] = i, 1.0
+        e += 1
+        for j in range(m):
+            x = dense[j, i]
+            if x > 0 and j != i:
+                cols[e], vals[e] = j, x
+                e += 1
+    indptr[m] = e
+    return dense_buf[:0].reshape((0, 0))
 
 
 @njit(**OPTS)
@@ -222,6 +290,11 @@ def _solve_position(a, b, first_rowsum, outside, action_row, indptr, cols, vals,
 
 # the largest dense kernel (rows) a position may use: 256 x 256 float32 is 256 KB per thread
 _DENSE_MAX = 256
+# The largest batch support whose kernel is built once for the batch (1024^2 float32, 4 MB):
+# a position's block is then gathered from it, 4x faster than finding its edges in the kNN lists
+# (on the demo, a 315-token batch support: 0.6 against 2.4 ms for 207 positions). Beyond, the
+# matrix would leave the cache (and at large vocabularies memory).
+BATCH_KERNEL_MAX = 1024
 
 
 @njit(**OPTS)
@@ -257,8 +330,8 @@ def _batch_support(ids, valid, actions, knn, w, mutual, pad, eos):
 
 
 @njit(**OPTS)
-def _chunk(ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_live, eps,
-           max_iter, tol, lo, hi, res):  # fmt: skip
+def _chunk(ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_live, bpos,
+           batch, eps, max_iter, tol, lo, hi, res):  # fmt: skip
     eps64 = eps[1]
     eps = np.float32(eps[0])
     S = ids.shape[1]
@@ -289,24 +362,25 @@ def _chunk(ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_l
         ac[n], bc[n], fc[n] = max(np.float32(1.0) - sa, 0.0), max(np.float32(1.0) - sb, 0.0), 1.0
         if row == -2:
             row = -1 if inside[actions[p]] else n
-        dense = _kernel(tok[:n], knn, w, back_live, slot, count, indptr, cols, vals, dense_buf)
+        dense = _kernel(tok[:n], knn, w, back_live, slot, count, indptr, cols, vals, dense_buf,
+                        bpos, batch)  # fmt: skip
         _solve_position(ac[: n + 1], bc[: n + 1], fc[: n + 1], n < size, row, indptr, cols,
                         vals, dense, eps, eps64, max_iter, tol, res, p)  # fmt: skip
 
 
 @njit(parallel=True, **OPTS)
-def _solve_parallel(ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_live, eps,
-                    max_iter, tol, chunks, res):  # fmt: skip
+def _solve_parallel(ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_live,
+                    bpos, batch, eps, max_iter, tol, chunks, res):  # fmt: skip
     for c in prange(chunks.shape[0] - 1):
-        _chunk(ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_live, eps,
-               max_iter, tol, chunks[c], chunks[c + 1], res)  # fmt: skip
+        _chunk(ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_live, bpos,
+               batch, eps, max_iter, tol, chunks[c], chunks[c + 1], res)  # fmt: skip
 
 
 @njit(**OPTS)
-def _solve_serial(ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_live, eps,
-                  max_iter, tol, chunks, res):  # fmt: skip
-    _chunk(ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_live, eps,
-           max_iter, tol, 0, ids.shape[0], res)  # fmt: skip
+def _solve_serial(ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_live,
+                  bpos, batch, eps, max_iter, tol, chunks, res):  # fmt: skip
+    _chunk(ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_live, bpos, batch,
+           eps, max_iter, tol, 0, ids.shape[0], res)  # fmt: skip
 
 
 def paper_topk_cpu(
@@ -334,11 +408,15 @@ def paper_topk_cpu(
     P = ids.shape[0]
     res = np.zeros((P, 7), dtype=np.float64)
     inside, size, rowsum = _batch_support(ids, valid, actions, knn, w, mutual, pad_id, eos_id)
+    if size <= BATCH_KERNEL_MAX:
+        bpos, batch = _batch_kernel(inside, knn, w, back_live)
+    else:
+        bpos, batch = np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
     chunks = chunk_bounds(P, threads)
     # eps as float64 (the OT value's entropy terms) and, inside, as float32 (the iteration)
     eps = np.array([epsilon, epsilon], dtype=np.float64)
-    args = (ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_live, eps,
-            int(max_iter), np.float32(tol), chunks, res)  # fmt: skip
+    args = (ids, valid, logp, logq, actions, inside, size, rowsum, knn, w, back_live, bpos, batch,
+            eps, int(max_iter), np.float32(tol), chunks, res)  # fmt: skip
     launch(_solve_parallel, _solve_serial, threads, P, *args)
     return int(size), {
         "iterations": res[:, 0].astype(np.int64),

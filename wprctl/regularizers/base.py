@@ -39,6 +39,9 @@ class Regularizer:
 
     name = "none"
     topk: int | None = None  # >0: PPO computes a TopKPair of this size at rollout
+    # Its per-token term takes far longer than the critic's values (an iterative solve): PPO
+    # then computes the reward model's score beside it too (wprctl.stages.ppo, "Overlap").
+    long_running: bool = False
 
     def __init__(self, cfg: RegularizerConfig, *, clip_range: float = 0.2) -> None:
         self.cfg = cfg

@@ -38,23 +38,24 @@ then joins. The result is bit-identical to running them one after the other:
   threads sleep when idle), which takes the main thread's count (`set_compiled_threads`) and
   gives the same bits with any;
 * while the worker solves an OT problem (a regularizer on top-k distributions), the main thread
-  computes values and score with one intra-op thread fewer (on the CPU,
+  computes the values with one intra-op thread fewer (on the CPU,
   `_RegularizerWorker.sharing_cores`), so that its parallel ops do not wait at every barrier for
   a thread that the worker displaced, and the worker's short compiled launches (compression,
   ``paper``) take the one core left (`wprctl.ot.compiled.launch`; the long ``wellposed`` solve
   takes every core from the start: numba splits its positions over the threads when it
-  starts). Measured on the demo (2 cores): with the compiled code on both cores beside the main
-  thread WPR `paper` added 10-14 ms to a step, on the one core left 8-10 ms. For the per-token
-  regularizers (kl, fdiv) the worker's share is a few small ops and the main thread keeps all.
-  On the demo that lost thread is most of what WPR adds to a step (values + score 13 ms on 2
-  threads, 19-21 on 1). The main thread's count is fixed per regularizer, not handed back when
-  the worker finishes: MKL's results are not bit-identical on 1 and 2 threads for every shape,
-  and a count that depends on timing would make runs irreproducible (the compiled code's
-  count may follow timing: its bits do not depend on it). Running the regularizer after values
-  and score on both threads instead was measured slower; overlapping values alone and computing
-  the score on both threads after the join, no better (the worker, 11 ms in PPO, about as long
-  as the values). The worker's 10 ms of CPU took 17 ms in PPO as long as libgomp kept the main
-  thread's idle team thread spinning for its default 300000 turns after the forward passes
+  starts). The score follows the join, on every thread: the worker's ``paper`` term (11-13 ms on
+  the demo's batch, 2 cores) takes about as long as the values on one thread (12-13 ms), and the
+  score no longer runs on one thread beside a core that has nothing left to do. Measured in one
+  process, interleaved (values + score, on a slow day: 16.9 ms on 2 threads, 25.2 on one): the
+  regularizer added 10.5 ms when the score ran beside it too and 6.9 ms now. A regularizer that
+  takes far longer than the values (`Regularizer.long_running`: ``wellposed``, ~65 ms) has the
+  score computed beside it too. For the per-token regularizers (kl, fdiv) the worker's share is
+  a few small ops and the main thread keeps every thread. The main thread's counts are fixed per
+  phase and regularizer, not handed back when the worker finishes: MKL's results are not
+  bit-identical on 1 and 2 threads for every shape, and a count that depends on timing would
+  make runs irreproducible (the compiled code's count may follow timing: its bits do not depend
+  on it). The worker's 10 ms of CPU took 17 ms in PPO as long as libgomp kept the main thread's
+  idle team thread spinning for its default 300000 turns after the forward passes
   (`wprctl.cli.OPENMP_DEFAULTS` lowers that);
 * grad mode is per thread: the worker runs under `torch.no_grad()` like `experience`;
 * on CUDA the worker first selects this process's device; both threads issue to the device's
@@ -68,11 +69,11 @@ A regularizer therefore must not use collective communication or the global RNG 
 `reward_penalty`/`divergence` (none does): those run concurrently with the main thread's.
 
 Timers (logged as `train/time/...`, seconds per step, summed over generation batches):
-`generation`, `forward` (actor + reference log-probs), `reward` (values and score, overlapped
-with the regularizer), `regularizer` (how long the main thread then waits for the regularizer:
-its cost to the step beyond the overlapped work), `regularizer_solve` (the regularizer's own wall
-time on the worker; it overlaps `reward`, so it is not part of the step) and `training`. The
-step's wall time is the sum of all but `regularizer_solve`.
+`generation`, `forward` (actor + reference log-probs), `reward` (values and score; the values,
+or both, overlapped with the regularizer), `regularizer` (how long the main thread waits for the
+regularizer at the join: its cost to the step beyond the overlapped work), `regularizer_solve`
+(the regularizer's own wall time on the worker; it overlaps `reward`, so it is not part of the
+step) and `training`. The step's wall time is the sum of all but `regularizer_solve`.
 """
 
 from __future__ import annotations
@@ -371,14 +372,16 @@ class PPORecipe:
         try:
             t0 = time.time()
             # an OT solve holds a core: on the CPU this thread takes the others, so that its
-            # parallel ops do not wait at every barrier for a thread the worker displaced
+            # parallel ops do not wait at every barrier for a thread the worker displaced; the
+            # score then waits for the join, to run on every core (module docstring, "Overlap")
             solving = seq.device.type == "cpu" and bool(self.reg.topk)
+            score_after = solving and not self.reg.long_running
             with self.reg_worker.sharing_cores(solving):
                 values = token_values(self.critic, seq, attn, P) * mask
                 prompts_text = decode(self.tokenizer, prompt_ids, prompt_mask)
                 responses_text = decode(self.tokenizer, responses, mask)
-                score = self.reward_fn(seq, attn, prompts_text, responses_text, examples)
-            score = score.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
+                if not score_after:
+                    score = self.reward_fn(seq, attn, prompts_text, responses_text, examples)
             timers["time/reward"] += time.time() - t0
         except BaseException:
             wait_futures([job])  # the regularizer's own outcome is moot now
@@ -386,6 +389,11 @@ class PPORecipe:
         t0 = time.time()
         reg_out = job.result()  # re-raises the regularizer's exception, if any
         timers["time/regularizer"] += time.time() - t0
+        t0 = time.time()
+        if score_after:
+            score = self.reward_fn(seq, attn, prompts_text, responses_text, examples)
+        score = score.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
+        timers["time/reward"] += time.time() - t0
         timers["time/regularizer_solve"] += reg_out.seconds
         penalty, divergence = reg_out.penalty, reg_out.divergence
 
