@@ -101,7 +101,7 @@ def test_compiled_per_position_problems_equal_the_tensor_ones(
     support's (``batch_kernel``) or found in the kNN lists."""
     from wprctl.ot import paper_cpu
 
-    monkeypatch.setattr(paper_cpu, "BATCH_KERNEL_MAX", 1024 if batch_kernel else 0)
+    monkeypatch.setattr(paper_cpu, "use_batch_kernel", lambda *_: batch_kernel)
     V, k1 = (200, 64) if layout == "dense" else (300, 24)
     emb, logits, ref, actions, mask = problem(V=V, B=4, T=20, seed=2)
     actions[0, :3] = 0  # the pad id: outside the support (dust bin)

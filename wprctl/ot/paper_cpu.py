@@ -297,6 +297,13 @@ _DENSE_MAX = 256
 BATCH_KERNEL_MAX = 1024
 
 
+def use_batch_kernel(size: int, positions: int, slots: int, k1: int) -> bool:
+    """Whether to build the batch support's kernel (``_batch_kernel``): when it is small, and
+    filling it is less work than the positions' own edge searches (~2 slots k1 list entries
+    each; a few positions with a large batch support are not worth it)."""
+    return size <= BATCH_KERNEL_MAX and size * size <= positions * slots * k1
+
+
 @njit(**OPTS)
 def _batch_support(ids, valid, actions, knn, w, mutual, pad, eos):
     """The batch-wide support (``paper.paper_support``) as flags over the vocabulary, its size,
@@ -408,7 +415,7 @@ def paper_topk_cpu(
     P = ids.shape[0]
     res = np.zeros((P, 7), dtype=np.float64)
     inside, size, rowsum = _batch_support(ids, valid, actions, knn, w, mutual, pad_id, eos_id)
-    if size <= BATCH_KERNEL_MAX:
+    if use_batch_kernel(size, P, ids.shape[1], knn.shape[1]):
         bpos, batch = _batch_kernel(inside, knn, w, back_live)
     else:
         bpos, batch = np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
