@@ -127,27 +127,20 @@ def _kernel(tok, knn, w, back_live, slot, count, indptr, cols, vals, dense_buf, 
 
 @njit(**OPTS)
 def _batch_kernel(inside, knn, w, back_live):
-    """The kernel of the batch support as one transposed dense (Nb, Nb) matrix, with every
-    token's index in it (``bpos``, -1 outside): its entries, as ``_dense_edges`` writes them,
-    depend on the two tokens only, so a position's kernel is a block of it (no diagonal here)."""
+    """The kernel of the batch support as one transposed dense (Nb, Nb) matrix (``_dense_edges``
+    over all its tokens, no diagonal), with every token's index in it (``bpos``, -1 outside):
+    an entry depends on its two tokens only, so a position's kernel is a block of it."""
     V = knn.shape[0]
     bpos = np.full(V, -1, dtype=np.int64)
+    tok = np.empty(V, dtype=np.int64)
     nb = 0
     for t in range(V):
         if inside[t]:
-            bpos[t] = nb
+            bpos[t], tok[nb] = nb, t
             nb += 1
-    batch = np.zeros((nb, nb), dtype=np.float32)
-    for t in range(V):
-        i = bpos[t]
-        if i >= 0:
-            for r in range(knn.shape[1]):
-                j = bpos[knn[t, r]]
-                if j >= 0 and w[t, r] > 0:
-                    batch[j, i] = w[t, r]
-                    if not back_live[t, r]:
-                        batch[i, j] = w[t, r]
-    return bpos, batch
+    flat = np.zeros(nb * nb + 2 * knn.shape[1], dtype=np.float32)  # + _dense_edges' scratch
+    _dense_edges(tok[:nb], knn, w, back_live, bpos, flat, nb)
+    return bpos, flat[: nb * nb].reshape((nb, nb))
 
 
 @njit(**OPTS)
