@@ -477,13 +477,38 @@ def test_the_support_rule_is_checked() -> None:
 
 
 @pytest.mark.parametrize("backend", ["compiled", "torch"])
-@pytest.mark.parametrize("bad", [torch.nan, torch.inf])
-def test_nan_or_inf_logits_are_a_clear_error(backend: str, bad: float) -> None:
-    """A diverged model's logits: the error names the tensor and the position, on either path
-    (-inf, a masked token, is fine)."""
+@pytest.mark.parametrize("bad", [torch.nan, torch.inf, "row of -inf"])
+def test_nan_or_inf_logits_are_a_clear_error(backend: str, bad: float | str) -> None:
+    """A diverged model's logits, or a position with every token masked: the error names the
+    tensor and the position, on either path (-inf, a masked token, is fine)."""
     _emb, logits, ref, actions = random_problem(V=80)
     ref[0, 2, 7] = -torch.inf
     compress_topk(logits, ref, actions, 8, backend=backend)
-    ref[1, 3, 11] = bad
+    if bad == "row of -inf":
+        ref[1, 3, :] = -torch.inf
+    else:
+        ref[1, 3, 11] = bad
     with pytest.raises(UserError, match=r"ref_logits at position \(b=1, t=3\) hold NaN or \+inf"):
         compress_topk(logits, ref, actions, 8, backend=backend)
+
+
+@pytest.mark.parametrize("method", ["paper", "wellposed"])
+def test_bad_logits_from_the_full_logit_entry_point(method: str) -> None:
+    """wpr_potentials checks the positions it computes: a NaN policy logit or a reference row of
+    -inf at a masked position is named; the same at a position outside the mask is not read."""
+    emb, logits, ref, actions = random_problem(V=80)
+    graph = CostGraph.from_embeddings(emb, k=4)
+    mask = torch.ones(actions.shape, dtype=torch.bool)
+    mask[0, 1] = False
+    logits[0, 1, 5], ref[0, 1, :] = torch.nan, -torch.inf
+    kw = dict(epsilon=0.5, top_k=8, max_iter=10, tol=1e-6, method=method)
+    res = wpr_potentials(logits, ref, actions, graph, mask=mask, **kw)
+    assert bool(torch.isfinite(res.potential[mask]).all())
+    for b, t, where in ((1, 2, "policy_logits"), (1, 4, "ref_logits")):
+        bad_p, bad_q = logits.clone(), ref.clone()
+        if where == "policy_logits":
+            bad_p[b, t, 9] = torch.nan
+        else:
+            bad_q[b, t, :] = -torch.inf
+        with pytest.raises(UserError, match=rf"{where} at position \(b={b}, t={t}\)"):
+            wpr_potentials(bad_p, bad_q, actions, graph, mask=mask, **kw)

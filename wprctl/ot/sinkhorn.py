@@ -29,7 +29,13 @@ from wprctl.ot.paper import (
     tile_columns,
 )
 from wprctl.ot.threads import backend_threads, single_threaded_when
-from wprctl.ot.topk import TopKPair, batch_support, check_logits, compress_topk
+from wprctl.ot.topk import (
+    TopKPair,
+    batch_support,
+    check_finite_rows,
+    check_logits,
+    compress_topk,
+)
 from wprctl.ot.wellposed import support_edges, wellposed_solve
 
 Method = Literal["wellposed", "paper"]
@@ -186,6 +192,7 @@ def _paper_full(
         flat_p, flat_q = policy_logits.reshape(-1, V).float(), ref_logits.reshape(-1, V).float()
     else:
         flat_p, flat_q = policy_logits[mask].float(), ref_logits[mask].float()
+    check_finite_rows(flat_p, flat_q, mask.reshape(-1).nonzero().squeeze(1), mask.shape[1])
     k = min(top_k, V)
     tops = [torch.topk(x, k, dim=-1).indices for x in (flat_q, flat_p)] if flat_p.numel() else []
     extra = actions[:, start:] if start is not None else actions[mask]

@@ -160,16 +160,19 @@ def _tail_sums(
     return torch.where(torch.isfinite(out), out, lumped)
 
 
-def _check_finite_rows(x: torch.Tensor, z: torch.Tensor, rows: torch.Tensor, T: int) -> None:
-    """NaN or +inf logits (a diverged model) have no softmax: say where, rather than let a NaN
-    support or penalty through (the compiled selection does not rank NaN at all)."""
+def check_finite_rows(x: torch.Tensor, z: torch.Tensor, rows: torch.Tensor, T: int) -> None:
+    """NaN or +inf logits (a diverged model), or a row with every logit -inf, have no softmax:
+    say where, rather than let a NaN support or penalty through (the compiled selection does not
+    rank NaN at all)."""
     for name, t in (("policy_logits", x), ("ref_logits", z)):
-        if bool(t.amax() < torch.inf):  # one pass; NaN compares False, and amax propagates it
-            continue
-        bad = torch.isnan(t) | (t == torch.inf)
+        # one pass: a row's max is NaN if it holds a NaN (amax propagates it), +inf if it holds
+        # +inf, -inf if every entry is -inf; finite otherwise
+        bad = ~torch.isfinite(t.amax(dim=-1))
         if bool(bad.any()):
-            r = int(rows[int(bad.any(-1).nonzero()[0, 0])])
-            raise UserError(f"WPR: {name} at position (b={r // T}, t={r % T}) hold NaN or +inf")
+            r = int(rows[int(bad.nonzero()[0, 0])])
+            raise UserError(
+                f"WPR: {name} at position (b={r // T}, t={r % T}) hold NaN or +inf (or only -inf)"
+            )
 
 
 def _block_rows(x: torch.Tensor, rows: torch.Tensor, span: tuple[int, int] | None) -> torch.Tensor:
@@ -308,7 +311,7 @@ def compress_topk(
         # whole-vocabulary sums a log a and b log b (the support's part is removed below)
         sums = torch.zeros(2, B * T, dtype=torch.float64, device=device)
         for rows, x, z in blocks():
-            _check_finite_rows(x, z, rows, T)
+            check_finite_rows(x, z, rows, T)
             if support is not None:
                 ids = support.expand(rows.numel(), S)
                 top_x = top_z = None
