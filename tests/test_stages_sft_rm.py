@@ -252,3 +252,48 @@ def test_the_program_leaves_its_process_group_on_clean_exits(tmp_path: Path) -> 
         == 0
     )
     assert dist.is_initialized()
+
+
+def test_a_hub_id_base_model_is_read_from_the_offline_hub_cache(tmp_path: Path) -> None:
+    """`model.base = "acme/tiny-chat"`, a hub id, resolves through the Hugging Face cache when the
+    hub is unreachable (HF_HUB_OFFLINE, no network): SFT starts from the cached snapshot, not from
+    a tiny model of its own. A hub id that is not cached is bad input naming the id."""
+    import shutil
+
+    from wprctl.manifest import TinyModelConfig
+    from wprctl.models import build_tiny_model
+
+    # a model whose shape differs from the demo manifest's tiny settings, so the output shows
+    # which one SFT started from
+    src = build_tiny_model(
+        TinyModelConfig(hidden_size=48, intermediate_size=96, vocab_size=512, num_layers=1),
+        seed=7,
+        out_dir=tmp_path / "src",
+    )
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--acme--tiny-chat"
+    shutil.copytree(src, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    offline = {
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "HTTP_PROXY": "http://127.0.0.1:9",  # any network attempt fails at once
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+    }
+    manifest = _init(tmp_path / "project")
+    common = ["-m", str(manifest), *MICRO, "--set", "sft.max_steps=1"]
+    res = run_cli("sft", *common, "--set", "model.base=acme/tiny-chat", env=offline)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = tmp_path / "project" / "runs"
+    assert not (out / "base-tiny").exists()
+    config = json.loads((out / "sft" / "model" / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (48, 1)
+    assert _weights(out / "sft" / "model")["model.embed_tokens.weight"].shape == (
+        json.loads((src / "config.json").read_text())["vocab_size"],
+        48,
+    )
+
+    res = run_cli("sft", *common, "--set", "model.base=acme/not-cached", "--force", env=offline)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "acme/not-cached" in res.stderr and "Traceback" not in res.stderr
