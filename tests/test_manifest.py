@@ -140,6 +140,11 @@ def test_variants_apply_their_overrides(tmp_path: Path) -> None:
     v = m.for_variant("ppo-kl")
     assert v.ppo.regularizer.kind == "kl" and v.ppo.regularizer.kl_ctl == 0.1
     assert m.ppo.regularizer.kind == "wpr"  # the base manifest is untouched
+    # the command line wins over the variant on the keys it sets, and only on those
+    cli = load_manifest(p, ["ppo.regularizer.kl_ctl=0.3", "ppo.max_steps=7"])
+    v = cli.for_variant("ppo-kl")
+    assert (v.ppo.regularizer.kind, v.ppo.regularizer.kl_ctl, v.ppo.max_steps) == ("kl", 0.3, 7)
+    assert v.for_variant("ppo-kl").ppo.regularizer.kl_ctl == 0.3
     bad = _write(
         tmp_path,
         '[[variants]]\nname = "x"\nstage = "ppo"\nset = { "ppo.regularizer.kind" = "nope" }\n',

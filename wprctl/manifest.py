@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from wprctl.errors import UserError
 
@@ -354,6 +362,9 @@ class Manifest(Section):
 
     # Where the manifest was read from; output_dir is relative to it. Not part of the file.
     source: Path | None = Field(None, exclude=True)
+    # The command line's --set overrides, in order: they win over a variant's `set` as well as
+    # over the file, so `--variant ppo-kl --set ppo.regularizer.kl_ctl=0.1` runs with 0.1.
+    _overrides: list[tuple[str, Any]] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _stages_known(self) -> Manifest:
@@ -392,7 +403,12 @@ class Manifest(Section):
         raw = self.model_dump(mode="json", exclude={"source"})
         for key, value in variant.set.items():
             _assign(raw, key, value, origin=f"variants[{name}].set")
-        return _validate(raw, self.source, origin=f"variant {name!r}")
+        for key, value in self._overrides:
+            _assign(raw, key, value, origin="--set")
+        overridden = {key for key, _ in self._overrides}
+        out = _validate(raw, self.source, origin=f"variant {name!r}", overridden=overridden)
+        out._overrides = list(self._overrides)
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,12 +429,12 @@ def load_manifest(path: str | Path | None = None, overrides: list[str] | None = 
         raise UserError(f"{p}: not valid TOML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{p}: cannot read the manifest: {exc}") from None
-    overridden = set()
-    for item in overrides or []:
-        key, value = parse_override(item)
+    parsed = [parse_override(item) for item in overrides or []]
+    for key, value in parsed:
         _assign(raw, key, value, origin="--set")
-        overridden.add(key)
-    return _validate(raw, p.resolve(), overridden=overridden)
+    manifest = _validate(raw, p.resolve(), overridden={key for key, _ in parsed})
+    manifest._overrides = parsed
+    return manifest
 
 
 def manifest_from_dict(raw: dict[str, Any], source: Path | None = None) -> Manifest:
