@@ -198,9 +198,24 @@ def batch_support(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The batch-wide support: the sorted union over the positions in ``mask`` of top-k(a),
-    top-k(b) and the action (the official trainer's support, without its pad and eos rule)."""
-    pair = compress_topk(policy_logits, ref_logits, actions, k, mask)
-    return torch.unique(pair.indices[pair.mask.unsqueeze(-1) & pair.valid])
+    top-k(b) and the action (the official trainer's support, without its pad and eos rule).
+
+    Only the top-k ids are needed, not a compression: top-k of the logits is top-k of the
+    probabilities. Among tied logits at the k-th place the choice is ``torch.topk``'s."""
+    mask_b = check_logits(policy_logits, ref_logits, actions, mask)
+    _, T, V = policy_logits.shape
+    if k >= V:
+        return torch.arange(V, device=policy_logits.device)
+    rows = mask_b.reshape(-1).nonzero().squeeze(1)
+    found = [actions.reshape(-1).index_select(0, rows).long()]
+    block = max(1, 2**20 // V)  # 4 MB of float32 logits per block and side
+    for lo in range(0, rows.numel(), block):
+        r = rows[lo : lo + block]
+        x = _block_rows(policy_logits, r, None).float()
+        z = _block_rows(ref_logits, r, None).float()
+        check_finite_rows(x, z, r, T)
+        found += [torch.topk(t, k, dim=-1, sorted=False).indices.reshape(-1) for t in (x, z)]
+    return torch.unique(torch.cat(found))
 
 
 def _check_support(
