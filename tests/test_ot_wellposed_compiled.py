@@ -144,6 +144,16 @@ def test_compiled_edges_equal_batched_including_a_support_denser_than_the_slab()
     assert int((compiled[0] == 0).sum()) > 8 * 40  # the first position overflowed its slab row
     for c, b in zip(compiled, batched):
         assert torch.equal(c, b)
+    # the kNN ids as uint16 (vocabularies up to 65536 tokens) or int32 (larger): the same edges
+    from wprctl.ot.wellposed_cpu import support_edges_cpu
+
+    args = ids.numpy(), valid.numpy()
+    narrow, wide = (
+        support_edges_cpu(*args, graph.knn.numpy().astype(dt), graph.knn_cost.numpy(), 2)
+        for dt in (np.uint16, np.int32)
+    )
+    for n, w in zip(narrow, wide, strict=True):
+        np.testing.assert_array_equal(n, w)
 
 
 def test_a_first_call_that_compiles_says_so(monkeypatch, capsys) -> None:
