@@ -422,6 +422,25 @@ def test_compiled_support_selection_breaks_ties_by_the_lower_id() -> None:
         assert pair.indices[0, r].tolist() == sorted(want_x[r] + want_z[r] + [int(y[r])])
 
 
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+def test_compression_in_row_blocks_equals_one_block(monkeypatch, backend: str) -> None:
+    """Rows are compressed a block at a time (a bound on the copies and, for tensor ops, the
+    cache): blocks of 3 rows, masked rows skipped, give what one block does."""
+    import wprctl.ot.topk as topk
+
+    _emb, logits, ref, actions = random_problem(V=90, B=3, T=7)
+    mask = torch.rand(actions.shape, generator=torch.Generator().manual_seed(2)) > 0.25
+    for masked in (None, mask):
+        whole = compress_topk(logits, ref, actions, 6, masked, backend=backend)
+        with monkeypatch.context() as m:
+            m.setattr(topk, "BLOCK_ENTRIES_COMPILED", 3 * 90)
+            m.setattr(topk, "BLOCK_ENTRIES_TENSOR", 3 * 90)
+            blocks = compress_topk(logits, ref, actions, 6, masked, backend=backend)
+        for name in ("indices", "logp", "logq", "valid", "tail_p", "tail_q", "tail_plogp",
+                     "tail_qlogq", "action_slot"):  # fmt: skip
+            assert torch.equal(getattr(blocks, name), getattr(whole, name)), name
+
+
 def test_a_given_support_is_every_positions_slots() -> None:
     """``compress_topk(support=...)``: the batch-wide union as every position's slots, with its
     true masses there; the whole vocabulary as support is the untruncated compression."""

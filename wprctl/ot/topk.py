@@ -20,6 +20,10 @@ from wprctl.errors import UserError
 from wprctl.ot.threads import backend_threads
 from wprctl.ot.topk_cpu import compress_rows
 
+# logit entries per row block of compress_topk (see there)
+BLOCK_ENTRIES_TENSOR = 2**20
+BLOCK_ENTRIES_COMPILED = 2**23
+
 
 @dataclass
 class TopKPair:
@@ -283,10 +287,13 @@ def compress_topk(
     todo = None if bool(flat_mask.all()) else flat_mask.nonzero().squeeze(1).to(device)
     n = B * T if todo is None else todo.numel()
     threads = backend_threads(backend, device)
-    # Rows per block: 2^20 entries (4 MB a float32 tensor), so that a block stays in cache from
-    # the softmax through the dot products and gathers. At V = 32k, 2 threads, that is 1.5x
-    # faster than 64 MB blocks; 0.5 MB blocks are slower again (op overhead, thread barriers).
-    block = max(1, 2**20 // V)
+    # Rows per block. Tensor ops: 2^20 entries (4 MB a float32 tensor), so that a block stays in
+    # cache from the softmax through the dot products and gathers; at V = 32k, 2 threads, that
+    # is 1.5x faster than 64 MB blocks, and 0.5 MB blocks are slower again (op overhead, thread
+    # barriers). Compiled: each row is one pass anyway, so a block only bounds the float32 copy
+    # of half-precision logits (32 MB); small blocks cost a parallel launch and scratch each
+    # (16 blocks of 32 rows at V = 32k took 1.5x the time of one block).
+    block = max(1, (BLOCK_ENTRIES_COMPILED if threads else BLOCK_ENTRIES_TENSOR) // V)
 
     def blocks() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for lo in range(0, n, block):
