@@ -241,12 +241,12 @@ def _paper_topk(
     ):
         from wprctl.ot.paper_cpu import paper_topk_cpu
 
-        knn, w = paper_knn_kernel(graph, epsilon, device)
+        _, w = paper_knn_kernel(graph, epsilon, device)
         mutual, live = paper_mutual(graph, device), paper_reverse_live(graph, epsilon, device)
         pair_arrays = (pair.indices, pair.valid, pair.logp, pair.logq, pair.actions)
         Ns, out = paper_topk_cpu(
             *(x[mask].contiguous().numpy() for x in pair_arrays),
-            *(x.contiguous().numpy() for x in (knn, w, mutual, live)),
+            *(x.contiguous().numpy() for x in (graph.knn_narrow(), w, mutual, live)),
             pad_id, eos_id, epsilon, max_iter, tol, threads,
         )  # fmt: skip
         out_t = {k: torch.from_numpy(v) for k, v in out.items()}

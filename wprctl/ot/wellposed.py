@@ -198,14 +198,8 @@ def support_edges(
     if threads > 0 and S <= _COMPILED_EDGES_MAX_SLOTS:
         from wprctl.ot.wellposed_cpu import support_edges_cpu
 
-        if "knn_narrow" not in g:
-            # The (V, k1) kNN rows of every slot are streamed from memory (32 MB as int32 at
-            # V = 32k, k1 = 256), which is most of the builder's time: the narrowest ids that
-            # hold the vocabulary (uint16 up to 65536 tokens: 0.83x the time of int32).
-            narrow = torch.uint16 if knn.shape[0] <= 2**16 else torch.int32
-            g["knn_narrow"] = knn.to(narrow).contiguous()
         ptr, ei, ej, c = support_edges_cpu(
-            ids.contiguous().numpy(), valid.contiguous().numpy(), g["knn_narrow"].numpy(),
+            ids.contiguous().numpy(), valid.contiguous().numpy(), graph.knn_narrow().numpy(),
             knn_cost.contiguous().numpy(), threads,
         )  # fmt: skip
         ep = torch.repeat_interleave(torch.arange(P), torch.from_numpy(ptr).diff())
