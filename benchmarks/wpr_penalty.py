@@ -13,7 +13,7 @@ What is measured (printed with every figure):
   (full logits) includes the batch support, the kernel and the softmax gathers; ``wellposed``
   and ``paper`` on the TopKPair (PPO's path) include ``compress_topk`` and are the best of 3
   calls; the one-time per-graph caches (float32 kernel on the kNN lists, mutual-kNN flags,
-  int32 kNN lists) and the loading of the compiled solvers (numba's on-disk cache;
+  uint16 kNN lists) and the loading of the compiled solvers (numba's on-disk cache;
   the first compile takes ~35 s) happen in a warm-up call before the timing, as PPO pays them
   once per run. ``wellposed`` and ``paper`` on the TopKPair run their compiled CPU solvers
   (``wprctl.ot.wellposed_cpu``, ``paper_cpu``) on the caller's 2 intra-op threads.
