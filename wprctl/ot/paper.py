@@ -72,23 +72,29 @@ _TILE_BYTES = 2**18
 # ------------------------------------------------------------------------------------ kernel
 
 
+def paper_kernel_weights(graph: CostGraph, epsilon: float, device: torch.device) -> torch.Tensor:
+    """exp(-C/eps) on the kNN lists, (V, k1) float32: ``exp(-(C_float32 / eps))`` is the official
+    kernel's float32 formula. Cached on the graph: every call would otherwise convert the float64
+    costs and take the exponential again."""
+    return graph.derived(
+        ("paper_kernel_weights", str(device), float(epsilon)),
+        lambda: torch.exp(-(graph.on(device)["knn_cost"].to(torch.float32) / epsilon)),
+    )
+
+
 def paper_knn_kernel(
     graph: CostGraph, epsilon: float, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kNN lists (V, k1) as int32 when V fits and exp(-C/eps) on them (V, k1) in float32.
+    """The kNN lists (V, k1) as int32 when V fits (an index type of ``index_select``; cached once
+    per device, whatever epsilon) and ``paper_kernel_weights``. The compiled solver reads
+    ``CostGraph.knn_narrow`` instead and needs only the weights."""
 
-    Cached on the graph: every call would otherwise convert the float64 costs and take the
-    exponential again. ``exp(-(C_float32 / eps))`` is the official kernel's float32 formula.
-    """
+    def ids() -> torch.Tensor:
+        knn = graph.on(device)["knn"]
+        return knn.to(torch.int32) if graph.num_tokens < 2**31 else knn
 
-    def build() -> tuple[torch.Tensor, torch.Tensor]:
-        g = graph.on(device)
-        knn = g["knn"]
-        if graph.num_tokens < 2**31:
-            knn = knn.to(torch.int32)
-        return knn, torch.exp(-(g["knn_cost"].to(torch.float32) / epsilon))
-
-    return graph.derived(("paper_knn_kernel", str(device), float(epsilon)), build)
+    knn = graph.derived(("paper_knn_ids", str(device)), ids)
+    return knn, paper_kernel_weights(graph, epsilon, device)
 
 
 @dataclass
@@ -420,7 +426,7 @@ def paper_reverse_live(graph: CostGraph, epsilon: float, device: torch.device) -
     """
 
     def build() -> torch.Tensor:
-        _, w = paper_knn_kernel(graph, epsilon, device)
+        w = paper_kernel_weights(graph, epsilon, device)
         mutual, back = _reverse_entries(graph.on(device)["knn"])
         return mutual & (w.reshape(-1).index_select(0, back.view(-1)).view_as(w) > 0)
 

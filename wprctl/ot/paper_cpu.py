@@ -403,8 +403,9 @@ def paper_topk_cpu(
     """The batch support's size and the outputs of ``paper_sinkhorn_local`` (``f_mean`` and
     ``value`` always) for the P positions of a ``TopKPair``: ``ids``, ``valid``, ``logp``,
     ``logq`` (P, S) and ``actions`` (P,) of its masked positions; ``knn`` (V, k1) uint16 or int32
-    from ``CostGraph.knn_narrow`` and ``w`` (V, k1) float32 from ``paper.paper_knn_kernel``, ``mutual`` (V, k1) bool from
-    ``paper.paper_mutual`` and ``back_live`` from ``paper.paper_reverse_live``."""
+    from ``CostGraph.knn_narrow``, ``w`` (V, k1) float32 from ``paper.paper_kernel_weights``,
+    ``mutual`` (V, k1) bool from ``paper.paper_mutual`` and ``back_live`` from
+    ``paper.paper_reverse_live``."""
     P = ids.shape[0]
     res = np.zeros((P, 7), dtype=np.float64)
     inside, size, rowsum = _batch_support(ids, valid, actions, knn, w, mutual, pad_id, eos_id)

@@ -19,7 +19,7 @@ from wprctl.errors import UserError
 from wprctl.ot.graph import CostGraph, check_epsilon
 from wprctl.ot.paper import (
     local_problems,
-    paper_knn_kernel,
+    paper_kernel_weights,
     paper_mutual,
     paper_reverse_live,
     paper_sinkhorn,
@@ -241,7 +241,7 @@ def _paper_topk(
     ):
         from wprctl.ot.paper_cpu import paper_topk_cpu
 
-        _, w = paper_knn_kernel(graph, epsilon, device)
+        w = paper_kernel_weights(graph, epsilon, device)
         mutual, live = paper_mutual(graph, device), paper_reverse_live(graph, epsilon, device)
         pair_arrays = (pair.indices, pair.valid, pair.logp, pair.logq, pair.actions)
         Ns, out = paper_topk_cpu(

@@ -212,7 +212,7 @@ def batch_support(
         return torch.arange(V, device=policy_logits.device)
     rows = mask_b.reshape(-1).nonzero().squeeze(1)
     found = [actions.reshape(-1).index_select(0, rows).long()]
-    block = max(1, 2**20 // V)  # 4 MB of float32 logits per block and side
+    block = max(1, BLOCK_ENTRIES_TENSOR // V)
     for lo in range(0, rows.numel(), block):
         r = rows[lo : lo + block]
         x = _block_rows(policy_logits, r, None).float()
