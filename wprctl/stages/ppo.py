@@ -461,12 +461,12 @@ class PPORecipe:
                 self.critic.backward(v_loss * weight)
                 self.critic.step()
                 if weight:
-                    stats["policy_loss"].append(float(pg_loss))
-                    stats["value_loss"].append(float(v_loss))
+                    stats["policy_loss"].append(float(pg_loss.detach()))
+                    stats["value_loss"].append(float(v_loss.detach()))
                     stats["policy_clipfrac"].append(float(pg_clip))
                     stats["value_clipfrac"].append(float(v_clip))
                     if reg_loss is not None:
-                        stats["reg_loss"].append(float(reg_loss))
+                        stats["reg_loss"].append(float(reg_loss.detach()))
 
     # ----------------------------------------------------------------------------------------
     # held-out evaluation
