@@ -41,7 +41,7 @@ def test_defaults_are_the_papers_settings() -> None:
         0.05,
     )
     w = m.ppo.regularizer.wpr
-    assert (w.max_iter, w.k1, w.k2, w.epsilon, w.metric, w.method) == (
+    assert (w.iterations, w.k1, w.k2, w.epsilon, w.metric, w.method) == (
         10,
         512,
         128,

@@ -187,3 +187,31 @@ def test_wpr_is_finite_when_the_topk_holds_all_the_mass(method: str, gauge: str)
     reg = setup_reg(wpr_cfg(k2=4, method=method, gauge=gauge))
     assert torch.isfinite(reg.reward_penalty(batch)).all()
     assert torch.isfinite(reg.divergence(batch)).all()
+
+
+def test_wpr_max_iter_defaults_per_method_and_a_cut_off_wellposed_solve_warns_once(capsys) -> None:
+    # The manifest's max_iter counts Sinkhorn iterations for paper and Newton steps for
+    # wellposed; unset, each method gets its own budget.
+    for method, expected in [("paper", 10), ("wellposed", 100)]:
+        cfg = RegularizerConfig.model_validate({"kind": "wpr", "wpr": {"method": method}})
+        assert cfg.wpr.max_iter is None and cfg.wpr.iterations == expected
+    batch = reg_batch(*rollout(7), k=8)
+    full = setup_reg(wpr_cfg(k2=8, method="wellposed", max_iter=None))
+    full.reward_penalty(batch)
+    assert full.metrics()["converged_fraction"] == 1.0
+    assert "did not converge" not in capsys.readouterr().out
+    cut = setup_reg(wpr_cfg(k2=8, method="wellposed", max_iter=1))
+    capsys.readouterr()
+    cut.reward_penalty(batch)
+    converged = cut.metrics()["converged_fraction"]
+    assert converged < 1.0
+    out = capsys.readouterr().out
+    assert "did not converge" in out and f"{1 - converged:.1%}" in out and "max_iter = 1" in out
+    cut.reward_penalty(reg_batch(*rollout(8), k=8))
+    assert "did not converge" not in capsys.readouterr().out
+    # paper stops at its fixed count by design: no warning however far from converged
+    paper = setup_reg(wpr_cfg(k2=8, method="paper", max_iter=1))
+    capsys.readouterr()
+    paper.reward_penalty(batch)
+    assert paper.metrics()["converged_fraction"] < 1.0
+    assert "did not converge" not in capsys.readouterr().out

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from wprctl.console import console
+from wprctl.console import console, is_main_process
 from wprctl.errors import RunError, UserError
 from wprctl.manifest import RegularizerConfig
 from wprctl.regularizers.base import RegBatch, Regularizer
@@ -49,6 +49,7 @@ class WPRRegularizer(Regularizer):
         # The last solve, so that divergence() on the same batch does not run Sinkhorn again.
         self._last_pair: weakref.ref | None = None
         self._last_result = None
+        self._warned_unconverged = False
 
     def setup(
         self, *, ref_embeddings: torch.Tensor, cache_dir: Path | None, pad_id: int, eos_id: int
@@ -100,7 +101,7 @@ class WPRRegularizer(Regularizer):
             pair,
             self.graph,
             epsilon=w.epsilon,
-            max_iter=w.max_iter,
+            max_iter=w.iterations,
             tol=w.tol,
             gauge=w.gauge,
             method=w.method,
@@ -126,8 +127,24 @@ class WPRRegularizer(Regularizer):
         }
         if res.infeasible_fraction is not None:
             self._metrics["infeasible_fraction"] = res.infeasible_fraction
+        if w.method == "wellposed" and res.converged_fraction < 1.0:
+            self._warn_unconverged(res.converged_fraction)
         self._last_pair, self._last_result = weakref.ref(pair), res
         return res
+
+    def _warn_unconverged(self, converged: float) -> None:
+        # paper stops at its fixed iteration count by design; wellposed promises a converged
+        # answer that does not depend on max_iter, so a cut-off solve is worth one loud line
+        if self._warned_unconverged or not is_main_process():
+            return
+        self._warned_unconverged = True
+        w = self.cfg.wpr
+        console.print(
+            f"[bold yellow]WARNING: WPR (wellposed) did not converge[/] on {1 - converged:.1%} of "
+            f"the positions within max_iter = {w.iterations} Newton steps (tol {w.tol:g}): their "
+            f"penalties depend on where the solve stopped. Raise ppo.regularizer.wpr.max_iter "
+            f"(the metric reg/converged_fraction tracks it; this warning is printed once)."
+        )
 
     def reward_penalty(self, batch: RegBatch) -> torch.Tensor:
         res = self._solve(batch)
