@@ -143,7 +143,7 @@ class WPRRegularizer(Regularizer):
             f"[bold yellow]WARNING: WPR (wellposed) did not converge[/] on {1 - converged:.1%} of "
             f"the positions within max_iter = {w.iterations} Newton steps (tol {w.tol:g}): their "
             f"penalties depend on where the solve stopped. Raise ppo.regularizer.wpr.max_iter "
-            f"(the metric reg/converged_fraction tracks it; this warning is printed once)."
+            f"(the metric train/reg/converged_fraction tracks it; this warning is printed once)."
         )
 
     def reward_penalty(self, batch: RegBatch) -> torch.Tensor:
