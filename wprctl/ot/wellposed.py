@@ -133,7 +133,11 @@ std. What was measured about it (k2 = 64, mean error in std units):
   are the bridges between groups of support tokens that the sparse graph joins only through
   them, and the potentials' relative level across groups (a per-group gauge, nearly free) is set
   by the vanishing flow over the bridges, which no lumped bin reproduces. Where the batch support
-  is (nearly) the vocabulary the result is exact (n512_l2, n512_cos: 0.000).
+  is (nearly) the vocabulary the result is exact (n512_l2, n512_cos: 0.000). Nor is a smarter
+  choice of extra slots: adding to each position's top-k2 the tail tokens of largest |a - b|
+  (where the tail's transport starts and ends) or of largest max(a, b), 64, 256 or 600 of them,
+  gives 0.51, 0.47, 0.44 (|a - b|) and 0.50, 0.45 (max, 256 and 600) on n2000_cos, and 0.39,
+  0.27, 0.20 and 0.36, 0.26 on n2000_l2 (today 0.52 and 0.38).
 * What a per-slot dust cost would have to be. Read off the exact plans of n2000_cos and
   n2000_l2 (k2 = 64, 6 positions each): slot i's effective cost to the tail,
   -eps log sum_{j not in S} K_ij exp(g_j / eps), and from the tail, with f_j in place of g_j,
@@ -145,7 +149,8 @@ std. What was measured about it (k2 = 64, mean error in std units):
   were measured (n2000_cos, n2000_l2, n512_l2, n512_cos): splitting the dust into the tail's
   sources sum (a_j - b_j)^+, sinks sum (b_j - a_j)^+ and a balanced rest, 0.50, 0.29, 0.32,
   0.28 (today 0.52, 0.38, 0.31, 0.26); with direction-specific kernels weighted by the tail's
-  excess next to each slot, 0.46, 0.39, 0.33, 0.27.
+  excess next to each slot, 0.46, 0.39, 0.33, 0.27; the split dust with the soft-min per-slot
+  costs above, 0.42, 0.36, 0.25, 0.54.
 * Dropping the tail instead of lumping it (its tokens removed, both sides renormalized, no dust)
   shows how much of it counts. On n2000_cos, keeping the 1900 tokens of largest max(a, b) gives
   0.02, keeping 1500 (0.26% of the policy's mass dropped) 0.28, keeping 1000 1.06; on the batch
