@@ -12,6 +12,9 @@ import json
 import math
 import random
 import shutil
+import socket
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -340,6 +343,14 @@ def test_partial_run_sft_finished_ppo_running_with_torn_line(tmp_path: Path, cap
     project.sft()
     torn = '{"step": 9, "train/reward": 0.3, "train/kl_ref'  # a kill mid-write
     project.ppo("ppo-kl", steps=8, status="running", torn_tail=torn)
+    # its process was killed: the pid it recorded is gone
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    dead = finished.pid
+    state_file = project.out / "ppo-kl" / "state.json"
+    state = json.loads(state_file.read_text())
+    state.update(pid=dead, pid_started=time.time() - 5, host=socket.gethostname())
+    state_file.write_text(json.dumps(state))
     # a failed stage that logged nothing, and a judge whose summary is half written
     (project.out / "rm").mkdir()
     (project.out / "rm" / "state.json").write_text(
@@ -363,9 +374,12 @@ def test_partial_run_sft_finished_ppo_running_with_torn_line(tmp_path: Path, cap
     for name in expected:
         assert_png(out / name)
     index = (out / "index.md").read_text()
-    assert "ppo-kl (running)" in index
-    assert "| ppo-kl (running) | kl (k1) | 0.05 | 8 |" in index  # the torn step 9 is skipped
-    assert "- `ppo-kl` (ppo): running or interrupted; shown from what it logged so far" in index
+    assert "ppo-kl (interrupted)" in index
+    assert "| ppo-kl (interrupted) | kl (k1) | 0.05 | 8 |" in index  # the torn step 9 is skipped
+    assert (
+        "- `ppo-kl` (ppo): interrupted (its process is gone; `--resume` continues it); shown from "
+        "what it logged so far" in index
+    )
     assert "- `rm` (rm): failed: out of memory; nothing logged yet" in index
     assert "- `ppo-wpr` (ppo): not started" in index
     assert "- `judge-wpr-vs-kl` (judge)" in index

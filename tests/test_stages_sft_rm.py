@@ -109,7 +109,7 @@ def test_sft_kill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
     tag = kill_after_checkpoint(["sft", "-m", str(killed), *args], latest)
     assert not (killed.parent / "runs" / "sft" / "model").exists()
     status = run_cli("status", "-m", str(killed), "--json")
-    assert json.loads(status.stdout)["stages"][0]["status"] == "running"
+    assert json.loads(status.stdout)["stages"][0]["status"] == "interrupted"  # its pid is gone
 
     res = run_cli("sft", "-m", str(killed), *args)
     assert res.returncode == 2 and "--resume" in res.stderr  # a partial run is not silently redone
@@ -123,6 +123,57 @@ def test_sft_kill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
     la = _series(straight, "train/loss")
     lb = _series(killed, "train/loss")
     assert lb == pytest.approx(la, abs=1e-6)  # the log reads as one uninterrupted run
+
+
+def test_a_live_run_is_not_touched_by_a_second_process_and_ctrl_c_exits_130(
+    tmp_path: Path,
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import clean_env
+
+    manifest = _init(tmp_path)
+    args = [*MICRO, "--set", "sft.epochs=10000", "--set", "sft.save_every=2"]
+    latest = tmp_path / "runs" / "sft" / "checkpoints" / "latest"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wprctl", "sft", "-m", str(manifest), *args],
+        env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 600
+        while not latest.exists() and time.time() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.05)
+        status = json.loads(run_cli("status", "-m", str(manifest), "--json").stdout)
+        assert status["stages"][0]["status"] == "running"
+        for flag in ("--resume", "--force"):
+            res = run_cli("sft", "-m", str(manifest), *args, flag, timeout=120)
+            assert res.returncode == 2, res.stderr[-2000:]
+            assert f"is running now (pid {proc.pid}" in res.stderr and "Traceback" not in res.stderr
+            assert latest.exists()  # --force did not delete the live run's folder
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "sft: interrupted" in err and "`wprctl sft --resume` continues" in err
+    state = json.loads((tmp_path / "runs" / "sft" / "state.json").read_text())
+    assert (state["status"], state["error"]) == ("failed", "interrupted")
+    step = int(latest.read_text().strip()[4:])
+    res = run_cli(
+        "sft", "-m", str(manifest), *args, "--set", f"sft.max_steps={step + 2}", "--resume"
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"resumed from step {step}" in res.stdout
+    # a variant's hint names the variant: the bare stage would resume another folder
+    from wprctl.stages import resume_hint
+
+    assert "`wprctl ppo --variant ppo-kl --resume`" in resume_hint("ppo", "ppo-kl")
 
 
 def test_two_process_zero2_matches_one_process(tmp_path: Path) -> None:

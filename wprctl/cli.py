@@ -73,8 +73,12 @@ def main(argv: list[str] | None = None) -> None:
 
     launch.CURRENT_ARGV = list(argv) if argv is not None else sys.argv[1:]
     try:
-        app(args=argv, standalone_mode=False)
-        code = 0
+        # Without standalone mode, typer returns (not raises) the code of an Exit, and turns
+        # Ctrl-C into Exit(130): a returned code must reach the shell, or `&&` chains go on
+        returned = app(args=argv, standalone_mode=False)
+        code = returned if isinstance(returned, int) else 0
+        if code == 130:
+            err_console.print("interrupted")
     except WprctlError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         code = exc.exit_code

@@ -9,7 +9,7 @@ from typing import Any
 import wprctl
 from wprctl.errors import UserError
 from wprctl.manifest import Manifest, load_manifest
-from wprctl.runs import read_lineage, run_dir
+from wprctl.runs import read_lineage, run_dir, run_status
 
 TEMPLATES = ("demo", "tldr", "hh-rlhf", "apps")
 
@@ -49,7 +49,7 @@ def stage_status(manifest: Manifest) -> list[dict[str, Any]]:
         kind = variant.stage if variant else name
         run = run_dir(manifest, name, kind)
         state = run.state()
-        status = state.get("status", "not started" if not run.root.exists() else "empty")
+        status = run_status(state, run.root.exists()).replace("absent", "not started")
         started, finished = state.get("started"), state.get("finished")
         rows.append(
             {

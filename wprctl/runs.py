@@ -3,7 +3,8 @@
 Every stage run lives in `<output_dir>/<name>/` (name = the stage, or a variant's name):
 
     config.json      the resolved manifest and the run's own settings
-    state.json       status (running | finished | failed), times, outputs, final metrics
+    state.json       status (running | finished | failed), times, outputs, final metrics; the
+                     owner's pid and host, so a run whose process is gone reads "interrupted"
     metrics.jsonl    one JSON object per logged step: {"step": ..., "<name>": float, ...}
     tb/              TensorBoard events
     checkpoints/     DeepSpeed checkpoints (resumable), the last K kept
@@ -20,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,49 @@ def _read_json(path: Path) -> Any:
         raise UserError(
             f"{path}: unreadable ({exc}); delete it or restore it from a backup"
         ) from None
+
+
+def _process_started(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.Error:
+        return math.nan
+
+
+def owner_alive(state: dict[str, Any]) -> bool | None:
+    """Is the process that marked this run "running" still alive? None when it cannot be told.
+
+    A pid is only meaningful on the host that wrote it (a shared file system may hold runs of
+    other machines), and pids are reused: the live process must also have been started when the
+    recorded one was.
+    """
+    pid, host, born = state.get("pid"), state.get("host"), state.get("pid_started")
+    if (
+        not isinstance(pid, int)
+        or not isinstance(born, int | float)
+        or host != socket.gethostname()
+    ):
+        return None
+    now = _process_started(pid)
+    if now is None:
+        return False
+    if math.isnan(now):
+        return None
+    return abs(now - born) < 1.0
+
+
+def run_status(state: dict[str, Any], exists: bool) -> str:
+    """finished | running | interrupted (its process is gone) | failed | empty | absent."""
+    status = state.get("status")
+    if status is None:
+        return "empty" if exists else "absent"
+    if status == "running" and owner_alive(state) is False:
+        return "interrupted"
+    return str(status)
 
 
 @dataclass
@@ -87,7 +132,7 @@ class RunDir:
 
     @property
     def status(self) -> str:
-        return self.state().get("status", "absent" if not self.root.exists() else "empty")
+        return run_status(self.state(), self.root.exists())
 
     def has_checkpoint(self) -> bool:
         return (self.checkpoint_dir / "latest").exists()
@@ -129,7 +174,15 @@ def prepare_run(
             f"{run.root}: stage {name!r} has already finished. Use --force to start over "
             "(this deletes its outputs) or --resume to keep them."
         )
-    if status in ("running", "failed", "empty") and not (force or resume):
+    state = run.state()
+    if status == "running" and owner_alive(state) and state.get("pid") != os.getpid():
+        # Two processes on one folder interleave their logs and checkpoints, and --force would
+        # delete the folder under the live one; SIGKILLed runs read "interrupted" instead.
+        raise UserError(
+            f"{run.root}: stage {name!r} is running now (pid {state.get('pid')} on "
+            f"{state.get('host', 'this host')}). Wait for it to finish or stop it first."
+        )
+    if status in ("running", "interrupted", "failed", "empty") and not (force or resume):
         raise UserError(
             f"{run.root}: stage {name!r} has a partial run ({status}). Use --resume to continue "
             "from its last checkpoint or --force to start over."
@@ -148,6 +201,8 @@ def prepare_run(
             kind=kind,
             started=run.state().get("started", time.time()) if resuming else time.time(),
             pid=os.getpid(),
+            pid_started=_process_started(os.getpid()),
+            host=socket.gethostname(),
         )
     return run, resuming
 

@@ -61,7 +61,7 @@ def status(
     table = Table(title=f"{m.project.name}  ({m.output_dir})")
     for col in ("stage", "kind", "status", "time", "key metrics", "output"):
         table.add_column(col, overflow="fold")
-    colors = {"finished": "green", "running": "yellow", "failed": "red"}
+    colors = {"finished": "green", "running": "yellow", "interrupted": "red", "failed": "red"}
     for r in rows:
         metrics = ", ".join(
             f"{k.split('/')[-1]} {v:.3g}" for k, v in list(r["metrics"].items())[:4]

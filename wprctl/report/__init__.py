@@ -41,6 +41,7 @@ from wprctl.report.tables import (
     sft_table,
     stages_table,
 )
+from wprctl.runs import owner_alive
 
 
 @dataclass
@@ -145,12 +146,14 @@ def _missing_lines(report: Report) -> list[str]:
     ]
     for r in report.missing:
         what = {
-            "running": "running or interrupted",
+            # a run written on another host, or by an older wprctl, cannot be told apart
+            "running": "running" if owner_alive(r.state) else "running or interrupted",
+            "interrupted": "interrupted (its process is gone; `--resume` continues it)",
             "failed": f"failed: {r.state.get('error', 'see its state.json')}",
             "not started": "not started",
             "empty": "folder exists but the stage never started",
         }.get(r.status, r.status)
-        if r.status in ("running", "failed"):
+        if r.status in ("running", "interrupted", "failed"):
             what += "; shown from what it logged so far" if r.has_data else "; nothing logged yet"
         lines.append(f"- `{r.name}` ({r.kind}): {what}")
     return lines

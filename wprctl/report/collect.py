@@ -15,7 +15,7 @@ from typing import Any
 
 from wprctl.errors import UserError
 from wprctl.manifest import STAGE_KINDS, Manifest
-from wprctl.runs import read_lineage, read_metrics, run_dir
+from wprctl.runs import read_lineage, read_metrics, run_dir, run_status
 
 POLICY_KINDS = ("ppo", "dar")
 
@@ -26,7 +26,7 @@ class Run:
 
     name: str
     kind: str
-    status: str  # finished | running | failed | empty | not started
+    status: str  # finished | running | interrupted | failed | empty | not started
     root: Path
     state: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
@@ -129,7 +129,7 @@ def collect_runs(manifest: Manifest) -> list[Run]:
         if kind is None or kind == "report":
             continue
         if state.get("status"):
-            status = state["status"]
+            status = run_status(state, True)
         elif entry:
             status = "finished"
         else:

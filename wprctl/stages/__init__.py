@@ -44,6 +44,11 @@ def resolve_variant(manifest: Manifest, kind: str, variant: str | None) -> tuple
     return manifest.for_variant(variant), variant
 
 
+def resume_hint(kind: str, name: str) -> str:
+    variant = f" --variant {name}" if name != kind else ""
+    return f"`wprctl {kind}{variant} --resume` continues from the last checkpoint"
+
+
 def execute_stage(
     kind: str,
     manifest_path: Path,
@@ -75,7 +80,7 @@ def execute_stage(
             fail_run(run, f"a rank exited with status {code}")
             raise RunError(
                 f"{name}: a process exited with status {code}; partial output is in {run.root} "
-                f"(`wprctl {kind} --resume` continues from the last checkpoint)"
+                f"({resume_hint(kind, name)})"
             )
         return run.state().get("metrics", {})
 
@@ -104,6 +109,11 @@ def execute_stage(
         raise
     except KeyboardInterrupt:
         fail_run(run, "interrupted")
+        from wprctl.console import err_console
+
+        err_console.print(
+            f"{name}: interrupted; {run.root} keeps what was saved ({resume_hint(kind, name)})"
+        )
         raise
     except Exception as exc:
         log = run.root / "error.log"
@@ -112,7 +122,7 @@ def execute_stage(
         fail_run(run, f"{type(exc).__name__}: {exc}")
         raise RunError(
             f"{name} failed: {type(exc).__name__}: {exc}\n  traceback: {log}\n  partial output: "
-            f"{run.root} (`wprctl {kind} --resume` continues from the last checkpoint)"
+            f"{run.root} ({resume_hint(kind, name)})"
         ) from exc
 
 
