@@ -51,3 +51,25 @@ def test_tokenizer_without_pad_is_a_user_error(tiny_model_dir: Path, tmp_path: P
         load_tokenizer(tmp_path)
     with pytest.raises(UserError, match="cannot load a tokenizer"):
         load_tokenizer(tmp_path / "nothing-here")
+
+
+def test_a_truncated_or_empty_model_folder_is_a_user_error(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from wprctl.models import load_causal_lm, load_reward_model
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a cut-off copy
+    with pytest.raises(UserError, match=f"{broken}: cannot load the model"):
+        load_causal_lm(broken)
+    with pytest.raises(UserError, match=f"{broken}: cannot load the model"):
+        load_reward_model(broken, pad_token_id=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="the folder is empty"):
+        load_tokenizer(tmp_path / "empty")
+    with pytest.raises(UserError, match="the folder is empty"):
+        load_causal_lm(tmp_path / "empty")

@@ -134,9 +134,10 @@ def load_tokenizer(
 ) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
+    _check_folder(source, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
+    except load_errors() as exc:
         raise UserError(f"{source}: cannot load a tokenizer ({_first_line(exc)})") from None
     if tok.pad_token_id is None:
         raise UserError(
@@ -193,12 +194,27 @@ def _load(
     # A reward head initialised from a causal LM is the expected case; transformers' notice about
     # newly initialised weights is not actionable here.
     logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
+    _check_folder(source, "model")
     try:
         return auto_cls.from_pretrained(
             str(source), dtype=dtype, trust_remote_code=trust_remote_code, **kw
         )
-    except (OSError, ValueError, json.JSONDecodeError, RuntimeError) as exc:
+    except load_errors() as exc:
         raise UserError(f"{source}: cannot load the model ({_first_line(exc)})") from None
+
+
+def load_errors() -> tuple[type[Exception], ...]:
+    """What a broken model folder raises from ``from_pretrained``: a truncated or overwritten
+    safetensors file raises safetensors' own error, which is none of the built-in kinds."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, json.JSONDecodeError, RuntimeError, SafetensorError)
+
+
+def _check_folder(source: str | Path, what: str) -> None:
+    path = Path(source).expanduser()
+    if path.is_dir() and not any(path.iterdir()):
+        raise UserError(f"{source}: cannot load the {what}: the folder is empty")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -51,12 +51,14 @@ def _load(model_dir: Path) -> tuple[Any, Any]:
     quiet_library_warnings()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from wprctl.models import load_errors
+
     if not (model_dir / "config.json").exists():
         raise UserError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
+    except load_errors() as exc:
         raise UserError(f"{model_dir}: cannot load the model or tokenizer: {exc}") from None
     return tokenizer, model.get_input_embeddings().weight.detach().float()
 
