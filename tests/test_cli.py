@@ -64,6 +64,11 @@ def test_usage_error_is_exit_2(tmp_path: Path) -> None:
     assert res.returncode == 2 and "demo" in res.stderr
     res = run_cli("sft", "--no-such-option")
     assert res.returncode == 2
+    a_file = tmp_path / "posts.jsonl"
+    a_file.write_text("{}\n")
+    res = run_cli("init", str(a_file))  # a file where the project folder should be
+    assert res.returncode == 2 and "not a folder" in res.stderr and "Traceback" not in res.stderr
+    assert a_file.read_text() == "{}\n"
 
 
 def test_init_then_status(tmp_path: Path) -> None:

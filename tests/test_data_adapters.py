@@ -266,6 +266,20 @@ def test_json_parquet_and_folder_layouts_give_the_same_examples(tmp_path: Path) 
     assert [e.prompt for e in evl.examples] == [evals[0]["prompt"]]
 
 
+def test_a_byte_order_mark_does_not_cost_the_first_row(tmp_path: Path) -> None:
+    from wprctl.jsonl import read_jsonl
+
+    text = (FIX / "hh_rlhf.jsonl").read_text(encoding="utf-8")
+    (tmp_path / "bom.jsonl").write_text(text, encoding="utf-8-sig")  # as some editors save it
+    (tmp_path / "bom.json").write_text(json.dumps(raw_lines(FIX / "hh_rlhf.jsonl")), "utf-8-sig")
+    want, skipped = parse_file("hh-rlhf", FIX / "hh_rlhf.jsonl")
+    for name in ("bom.jsonl", "bom.json"):
+        got, got_skipped = parse_file("hh-rlhf", tmp_path / name)
+        assert [(e.prompt, e.chosen) for e in got] == [(e.prompt, e.chosen) for e in want]
+        assert got_skipped == skipped
+    assert read_jsonl(tmp_path / "bom.jsonl")[0] == read_jsonl(FIX / "hh_rlhf.jsonl")[0]
+
+
 def test_gzip_jsonl_and_relative_path_from_manifest_root(tmp_path: Path) -> None:
     import gzip
 

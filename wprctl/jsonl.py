@@ -16,7 +16,7 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         raise UserError(f"{p}: file not found (expected a JSONL file, one JSON object per line)")
     rows: list[tuple[int, dict[str, Any]]] = []
     try:
-        with p.open(encoding="utf-8") as fh:
+        with p.open(encoding="utf-8-sig") as fh:  # a BOM would spoil line 1
             for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue

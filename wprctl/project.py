@@ -30,11 +30,19 @@ def init_project(directory: Path, template: str, force: bool) -> Path:
     target = directory / "wprctl.toml"
     if target.exists() and not force:
         raise UserError(f"{target} already exists; use --force to overwrite it")
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory}: not a folder; `wprctl init DIR` writes DIR/wprctl.toml")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{directory}: cannot create the project folder ({exc})") from None
     text = source.read_text(encoding="utf-8")
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", directory.resolve().name) or "wprctl-project"
     text = re.sub(r'(?m)^name = ".*"$', f'name = "{name}"', text, count=1)
-    target.write_text(text, encoding="utf-8")
+    try:
+        target.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"{target}: cannot write the manifest ({exc})") from None
     load_manifest(target)  # a template that does not validate is our bug; fail loudly here
     return target
 

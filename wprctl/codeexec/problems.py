@@ -191,7 +191,7 @@ def _file_rows(path: Path):
             yield None, row
         return
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read: {exc}") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):

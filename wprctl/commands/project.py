@@ -10,7 +10,6 @@ import typer
 
 from wprctl.commands.options import (
     DEFAULT_MANIFEST,
-    ForceOpt,
     JsonOpt,
     ManifestOpt,
     NumProcOpt,
@@ -25,7 +24,9 @@ def init(
     template: Annotated[
         str, typer.Option("--template", "-t", help="demo | tldr | hh-rlhf | apps")
     ] = "demo",
-    force: ForceOpt = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite an existing wprctl.toml.")
+    ] = False,
 ) -> None:
     """Write DIR/wprctl.toml from a template: demo (tiny model, CPU, minutes), tldr, hh-rlhf or apps
     (the paper's settings; point data.path at a hub id or a local copy)."""

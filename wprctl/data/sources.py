@@ -47,10 +47,11 @@ def _is_data_file(p: Path) -> bool:
 
 
 def _open_text(path: Path):
-    # surrogateescape turns invalid UTF-8 into lone surrogates, counted as bad rows later
+    # surrogateescape turns invalid UTF-8 into lone surrogates, counted as bad rows later;
+    # utf-8-sig drops the byte-order mark some editors write, which would spoil the first row
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape")
-    return path.open("r", encoding="utf-8", errors="surrogateescape")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="surrogateescape")
+    return path.open("r", encoding="utf-8-sig", errors="surrogateescape")
 
 
 def _read_jsonl(path: Path, start: int) -> Iterator[RawRow]:
