@@ -123,6 +123,18 @@ def test_sft_kill_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
     la = _series(straight, "train/loss")
     lb = _series(killed, "train/loss")
     assert lb == pytest.approx(la, abs=1e-6)  # the log reads as one uninterrupted run
+    tb_a, tb_b = _tb_series(straight, "train/loss"), _tb_series(killed, "train/loss")
+    assert [step for step, _ in tb_b] == [step for step, _ in tb_a] == list(range(1, 25))
+    assert [v for _, v in tb_b] == pytest.approx([v for _, v in tb_a], abs=1e-6)
+
+
+def _tb_series(manifest: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one scalar as TensorBoard shows it (purged steps hidden)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(manifest.parent / "runs" / "sft" / "tb"))
+    acc.Reload()
+    return sorted((e.step, e.value) for e in acc.Scalars(tag))
 
 
 def test_a_live_run_is_not_touched_by_a_second_process_and_ctrl_c_exits_130(

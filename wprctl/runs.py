@@ -278,7 +278,10 @@ class MetricsLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run.tb_dir))
+            # the killed run's event file keeps its steps after the checkpoint; purge_step has
+            # TensorBoard hide them, as metrics.jsonl drops them above
+            purge = None if resume_from_step is None else resume_from_step + 1
+            self._tb = SummaryWriter(log_dir=str(run.tb_dir), purge_step=purge)
         except ImportError:  # pragma: no cover - tensorboard is a dependency
             self._tb = None
 
