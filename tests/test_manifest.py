@@ -149,8 +149,34 @@ def test_variants_apply_their_overrides(tmp_path: Path) -> None:
         tmp_path,
         '[[variants]]\nname = "x"\nstage = "ppo"\nset = { "ppo.regularizer.kind" = "nope" }\n',
     )
-    with pytest.raises(UserError, match="variant 'x'"):
-        load_manifest(bad).for_variant("x")
+    with pytest.raises(
+        UserError, match=r"(?s)variant 'x'.*ppo.regularizer.kind \(variants\[x\].set, line 4\)"
+    ):
+        load_manifest(bad)  # at load, not when the variant's stage comes to run
+
+
+def test_variant_and_cross_key_errors_name_their_own_lines(tmp_path: Path) -> None:
+    block = '[[variants]]\nname = "{}"\nstage = "{}"\nset = {{ "ppo.{}" = 1 }}\n'
+    p = _write(
+        tmp_path, block.format("a", "ppo", "max_steps") + block.format("b", "ppo", "max_stepz")
+    )
+    with pytest.raises(UserError, match=r"line 8\): variants\[b\].set ppo.max_stepz: unknown key"):
+        load_manifest(p)
+    p = _write(
+        tmp_path, block.format("a", "ppp", "max_steps") + block.format("b", "pp", "max_steps")
+    )
+    with pytest.raises(UserError) as err:
+        load_manifest(p)
+    assert "variants.0.stage (line 3)" in str(err.value)
+    assert "variants.1.stage (line 7)" in str(err.value)
+    p = _write(tmp_path, 'stages = ["sft",\n  "c"]\n' + block.format("a", "ppo", "max_steps") * 2)
+    with pytest.raises(UserError) as err:
+        load_manifest(p)
+    assert "variants (line 3): names must be unique; more than one is named 'a'" in str(err.value)
+    assert "(got " not in str(err.value)
+    p = _write(tmp_path, '\nstages = ["sft", "c"]\n')
+    with pytest.raises(UserError, match=r"stages \(line 2\): unknown stage 'c'"):
+        load_manifest(p)
 
 
 def test_cli_exit_codes_for_broken_manifests(tmp_path: Path) -> None:

@@ -388,7 +388,12 @@ class Manifest(Section):
     def _stages_known(self) -> Manifest:
         names = {v.name for v in self.variants}
         if len(names) != len(self.variants):
-            raise ValueError("variant names must be unique")
+            twice = sorted(
+                {v.name for v in self.variants if [w.name for w in self.variants].count(v.name) > 1}
+            )
+            raise ValueError(
+                f"variants: names must be unique; more than one is named {', '.join(map(repr, twice))}"
+            )
         clash = names & set(STAGE_KINDS)
         if clash:
             raise ValueError(f"variant names must differ from stage names: {sorted(clash)}")
@@ -419,12 +424,16 @@ class Manifest(Section):
         if variant is None:
             return self
         raw = self.model_dump(mode="json", exclude={"source"})
+        line = _variant_line(self.source, name)
+        where = f"{self.source or 'manifest'}" + (f" (line {line})" if line else "")
+        origin = f"{where}: variants[{name}].set"
         for key, value in variant.set.items():
-            _assign(raw, key, value, origin=f"variants[{name}].set")
+            _assign(raw, key, value, origin=origin)
         for key, value in self._overrides:
             _assign(raw, key, value, origin="--set")
-        overridden = {key for key, _ in self._overrides}
-        out = _validate(raw, self.source, origin=f"variant {name!r}", overridden=overridden)
+        labels = {key: f" (variants[{name}].set, line {line})" for key in variant.set}
+        labels.update({key: " (from --set)" for key, _ in self._overrides})
+        out = _validate(raw, self.source, origin=f"variant {name!r}", labels=labels)
         out._overrides = list(self._overrides)
         return out
 
@@ -450,8 +459,12 @@ def load_manifest(path: str | Path | None = None, overrides: list[str] | None = 
     parsed = [parse_override(item) for item in overrides or []]
     for key, value in parsed:
         _assign(raw, key, value, origin="--set")
-    manifest = _validate(raw, p.resolve(), overridden={key for key, _ in parsed})
+    manifest = _validate(raw, p.resolve(), labels={key: " (from --set)" for key, _ in parsed})
     manifest._overrides = parsed
+    for variant in manifest.variants:
+        # a typo in a variant's `set` would otherwise surface only when its stage runs, after
+        # every stage before it in `wprctl run`
+        manifest.for_variant(variant.name)
     return manifest
 
 
@@ -503,18 +516,19 @@ def _validate(
     raw: dict[str, Any],
     source: Path | None,
     origin: str | None = None,
-    overridden: set[str] | None = None,
+    labels: dict[str, str] | None = None,
 ) -> Manifest:
+    """``labels``: where a key's value came from when not from the file (--set, a variant)."""
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(_format_errors(exc, source, origin, overridden or set())) from None
+        raise UserError(_format_errors(exc, source, origin, labels or {})) from None
     manifest.source = source
     return manifest
 
 
 def _format_errors(
-    exc: ValidationError, source: Path | None, origin: str | None, overridden: set[str]
+    exc: ValidationError, source: Path | None, origin: str | None, labels: dict[str, str]
 ) -> str:
     where = str(source) if source is not None else "manifest"
     if origin:
@@ -522,9 +536,15 @@ def _format_errors(
     lines = [f"{where}: {exc.error_count()} problem(s)"]
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if not loc:  # a check across keys (Manifest._stages_known) names its key first
+            first = msg.split(":", 1)[0]
+            loc = [first] if first in Manifest.model_fields else []
         key = ".".join(loc) or "(top level)"
-        if key in overridden:
-            at = " (from --set)"
+        if key in labels:
+            at = labels[key]
         else:
             line = _line_of(source, loc) if source is not None else None
             at = f" (line {line})" if line else ""
@@ -536,11 +556,10 @@ def _format_errors(
             lines.append(f"  - {key}{at}: unknown key {loc[-1]!r} in [{section}]{hint}")
         else:
             given = err.get("input")
-            given_s = repr(given) if not isinstance(given, dict) else "a table"
-            msg = err["msg"]
-            if msg.startswith("Value error, "):
-                msg = msg[len("Value error, ") :]
-            lines.append(f"  - {key}{at}: {msg} (got {given_s})")
+            got = f" (got {given!r})" if not isinstance(given, dict) else ""
+            if msg.startswith(f"{key}: "):
+                msg = msg[len(key) + 2 :]
+            lines.append(f"  - {key}{at}: {msg}{got}")
     return "\n".join(lines)
 
 
@@ -573,21 +592,49 @@ def _line_of(source: Path, loc: list[str]) -> int | None:
     keys = [p for p in loc if not p.isdigit()]
     if not keys:
         return None
+    # [[variants]] blocks: loc ("variants", "2", "stage") is the third block's key
+    after = loc[len(keys) - 1] if len(loc) > len(keys) - 1 else ""
+    index = int(after) if after.isdigit() else None
     section, leaf = ".".join(keys[:-1]), keys[-1]
-    current = ""
+    current, seen = "", -1
     for n, line in enumerate(text, 1):
         s = line.strip()
         m = re.match(r"^\[\[?\s*([^\]]+?)\s*\]\]?", s)
         if m:
             current = m.group(1)
+            if current == section and s.startswith("[["):
+                seen += 1
             if current == ".".join(keys):
                 return n
+            continue
+        if index is not None and current == section and seen != index:
             continue
         if re.match(rf"^{re.escape(leaf)}\s*=", s) and current == section:
             return n
         if not section and current == "" and re.match(rf"^{re.escape(leaf)}\s*=", s):
             return n
     return None
+
+
+def _variant_line(source: Path | None, name: str) -> int | None:
+    """Line of the ``set =`` of the [[variants]] block named NAME (else of its ``name =``)."""
+    if source is None:
+        return None
+    try:
+        text = source.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    pattern = re.compile(rf"""^\s*name\s*=\s*["']{re.escape(name)}["']\s*(#.*)?$""")
+    start = next((n for n, line in enumerate(text, 1) if pattern.match(line)), None)
+    if start is None:
+        return None
+    for n in range(start + 1, len(text) + 1):
+        line = text[n - 1].strip()
+        if line.startswith("["):
+            break
+        if re.match(r"^set\s*=", line):
+            return n
+    return start
 
 
 def _did_you_mean(word: str, options: list[str]) -> str:
