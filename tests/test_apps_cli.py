@@ -137,6 +137,12 @@ def test_bad_generations_exit_2(tmp_path: Path, small: Path, capsys) -> None:
     assert (
         cli("apps-eval", str(gens), "--problems", str(tmp_path / "nope.jsonl"), "--out", "o") == 2
     )
+    capsys.readouterr()
+    for timeout in ("nan", "inf", "0"):  # nan and inf reached select() as a traceback
+        good = write_jsonl(tmp_path / "ok.jsonl", [{"id": "1", "response": "print(1)"}])
+        args = ["--problems", str(small), "--out", str(tmp_path / "o2"), "--timeout", timeout]
+        assert cli("apps-eval", str(good), *args) == 2
+        assert "timeout must be a positive, finite number" in capsys.readouterr().err
 
 
 def test_load_problems_formats(tmp_path: Path, small: Path) -> None:

@@ -340,8 +340,12 @@ class AppsConfig(Section):
         "(the problems' own solutions, intact or deliberately broken, for the demo)",
     )
     k: list[int] = Field(default_factory=lambda: [1, 5, 10])
-    timeout: float = Field(4.0, gt=0, description="wall-clock seconds per test")
-    problem_budget: float = Field(60.0, gt=0, description="wall-clock seconds per sample")
+    timeout: float = Field(
+        4.0, gt=0, allow_inf_nan=False, description="wall-clock seconds per test"
+    )
+    problem_budget: float = Field(
+        60.0, gt=0, allow_inf_nan=False, description="wall-clock seconds per sample"
+    )
     workers: int | None = Field(None, ge=1, description="default: number of cores")
     mode: Literal["strict", "compat"] = "strict"
     memory_mb: int = Field(1024, ge=64)

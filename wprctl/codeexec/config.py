@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
@@ -31,8 +32,12 @@ class ExecConfig:
             raise ValueError(f"mode must be 'strict' or 'compat', got {self.mode!r}")
         if self.sandbox not in ("auto", "namespaces", "rlimits"):
             raise ValueError(f"sandbox must be auto, namespaces or rlimits, got {self.sandbox!r}")
-        if self.timeout <= 0 or self.problem_budget <= 0:
-            raise ValueError("timeout and problem_budget must be positive")
+        for name in ("timeout", "problem_budget"):
+            value = getattr(self, name)
+            if not 0 < value < math.inf:  # also false for NaN
+                raise ValueError(
+                    f"{name} must be a positive, finite number of seconds, got {value}"
+                )
 
     @property
     def n_workers(self) -> int:
