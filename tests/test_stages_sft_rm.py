@@ -177,11 +177,28 @@ def test_a_live_run_is_not_touched_by_a_second_process_and_ctrl_c_exits_130(
     state = json.loads((tmp_path / "runs" / "sft" / "state.json").read_text())
     assert (state["status"], state["error"]) == ("failed", "interrupted")
     step = int(latest.read_text().strip()[4:])
-    res = run_cli(
-        "sft", "-m", str(manifest), *args, "--set", f"sft.max_steps={step + 2}", "--resume"
-    )
+
+    def resume(max_steps: int) -> subprocess.CompletedProcess[str]:
+        return run_cli(
+            "sft", "-m", str(manifest), *args, "--set", f"sft.max_steps={max_steps}", "--resume"
+        )
+
+    # a checkpoint past the run's length is not "finished" with a wrong step count
+    res = resume(step - 1)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"checkpoint is at step {step}, past this run's {step - 1} steps" in res.stderr
+    res = resume(step + 2)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"resumed from step {step}" in res.stdout
+    # changed settings are said, and each resume's changes kept on record
+    assert (
+        f"resuming sft with changed settings: sft.max_steps {step - 1} -> {step + 2}" in res.stdout
+    )
+    state = json.loads((tmp_path / "runs" / "sft" / "state.json").read_text())
+    assert [r["changed"] for r in state["resumes"]] == [
+        {"sft.max_steps": [None, step - 1]},
+        {"sft.max_steps": [step - 1, step + 2]},
+    ]
     # a variant's hint names the variant: the bare stage would resume another folder
     from wprctl.stages import resume_hint
 

@@ -128,7 +128,8 @@ class RunDir:
         return self.root / "model"
 
     def state(self) -> dict[str, Any]:
-        return _read_json(self.state_file) or {}
+        """state.json, with its outputs as paths under this project's output folder."""
+        return located(_read_json(self.state_file) or {}, self.root.parent)
 
     @property
     def status(self) -> str:
@@ -140,7 +141,7 @@ class RunDir:
     def update_state(self, **fields: Any) -> None:
         if not is_main_process():
             return
-        state = self.state()
+        state = _read_json(self.state_file) or {}
         state.update(fields)
         _write_json_atomic(self.state_file, state)
 
@@ -195,6 +196,9 @@ def prepare_run(
         config = {"stage": kind, "name": name, "manifest": dump_resolved(manifest)}
         if extra_config:
             config.update(extra_config)
+        changed = _changed_settings(_read_json(run.config_file), config) if resuming else {}
+        if changed:
+            _report_changes(run, changed)
         _write_json_atomic(run.config_file, config)
         run.update_state(
             status="running",
@@ -207,6 +211,57 @@ def prepare_run(
     return run, resuming
 
 
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _changed_settings(old: Any, new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Manifest keys whose value differs between a run's config.json and the resumed run's."""
+    if not isinstance(old, dict):
+        return {}
+    before, after = _flatten(old.get("manifest", {})), _flatten(new["manifest"])
+    return {
+        key: (before.get(key), after.get(key))
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    }
+
+
+def _report_changes(run: RunDir, changed: dict[str, tuple[Any, Any]]) -> None:
+    """A resume may change settings on purpose (more steps, a lower lr); it must not do so
+    silently, since config.json then describes only the part after the resume."""
+    from wprctl.console import console
+
+    shown = [f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()]
+    more = f" and {len(shown) - 8} more" if len(shown) > 8 else ""
+    console.print(
+        f"[bold yellow]note:[/] resuming {run.name} with changed settings: "
+        f"{'; '.join(shown[:8])}{more}. config.json now holds the new ones; state.json "
+        "records the change under 'resumes'."
+    )
+    state = _read_json(run.state_file) or {}
+    resumes = state.get("resumes", [])
+    resumes.append(
+        {"time": time.time(), "changed": {k: [old, new] for k, (old, new) in changed.items()}}
+    )
+    run.update_state(resumes=resumes)
+
+
+def check_resume_step(run: RunDir, step: int, total: int, keys: str) -> None:
+    """A checkpoint past the run's length would "finish" at once, claiming ``total`` steps."""
+    if step > total:
+        raise UserError(
+            f"{run.root}: its checkpoint is at step {step}, past this run's {total} steps "
+            f"({keys}). Raise it to train on from step {step}, or use "
+            "--force to start over."
+        )
+
+
 def finish_run(
     manifest: Manifest, run: RunDir, outputs: dict[str, str], metrics: dict[str, float]
 ) -> None:
@@ -214,11 +269,12 @@ def finish_run(
     if not is_main_process():
         return
     clean = {k: v for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
-    run.update_state(status="finished", finished=time.time(), outputs=outputs, metrics=clean)
-    lineage = read_lineage(manifest)
+    stored = portable(outputs, manifest.output_dir)
+    run.update_state(status="finished", finished=time.time(), outputs=stored, metrics=clean)
+    lineage = _read_json(manifest.output_dir / LINEAGE_FILE) or {}
     lineage[run.name] = {
         "kind": run.kind,
-        "outputs": outputs,
+        "outputs": stored,
         "metrics": clean,
         "finished": time.time(),
     }
@@ -231,7 +287,40 @@ def fail_run(run: RunDir, message: str) -> None:
 
 
 def read_lineage(manifest: Manifest) -> dict[str, Any]:
-    return _read_json(manifest.output_dir / LINEAGE_FILE) or {}
+    """lineage.json, each entry's outputs as paths under this project's output folder."""
+    base = manifest.output_dir
+    lineage = _read_json(base / LINEAGE_FILE) or {}
+    return {name: located(entry, base) for name, entry in lineage.items()}
+
+
+def portable(outputs: dict[str, str], base: Path) -> dict[str, str]:
+    """Outputs inside ``base`` (the output folder) relative to it, others absolute.
+
+    state.json and lineage.json keep these, so a project that is copied or moved reads its own
+    models, not the ones at the old place (or nothing, once the old place is gone).
+    """
+    out = {}
+    for key, value in outputs.items():
+        path = Path(value).resolve()
+        try:
+            out[key] = path.relative_to(base.resolve()).as_posix()
+        except ValueError:
+            out[key] = str(path)
+    return out
+
+
+def located(record: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A state or lineage record with its ``outputs`` made absolute against ``base``."""
+    outputs = record.get("outputs")
+    if not isinstance(outputs, dict):
+        return record
+    absolute = {
+        key: str(base / value)
+        if isinstance(value, str) and not Path(value).is_absolute()
+        else value
+        for key, value in outputs.items()
+    }
+    return {**record, "outputs": absolute}
 
 
 def resolve_model_ref(manifest: Manifest, ref: str, *, what: str = "model") -> Path:

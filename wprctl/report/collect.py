@@ -15,7 +15,7 @@ from typing import Any
 
 from wprctl.errors import UserError
 from wprctl.manifest import STAGE_KINDS, Manifest
-from wprctl.runs import read_lineage, read_metrics, run_dir, run_status
+from wprctl.runs import located, read_lineage, read_metrics, run_dir, run_status
 
 POLICY_KINDS = ("ppo", "dar")
 
@@ -118,7 +118,7 @@ def collect_runs(manifest: Manifest) -> list[Run]:
     for name in names:
         entry = lineage.get(name, {})
         rd = run_dir(manifest, name)
-        state = read_json_lenient(rd.state_file) or {}
+        state = located(read_json_lenient(rd.state_file) or {}, rd.root.parent)
         variant = manifest.variant(name)
         kind = (
             entry.get("kind")

@@ -98,7 +98,7 @@ from wprctl.rl.online import (
     run_online_loop,
 )
 from wprctl.rl.rollout import SamplingConfig, decode, generate, join, response_logits
-from wprctl.runs import RunDir
+from wprctl.runs import RunDir, check_resume_step
 from wprctl.scoring import token_logprobs
 
 
@@ -152,6 +152,7 @@ class DARRecipe:
         if self.resuming and self.run.has_checkpoint():
             client = eng.load_checkpoint({"actor": self.actor}, self.run.checkpoint_dir)
             self.iteration = int(client["step"])
+            check_resume_step(self.run, self.iteration, self.total, "dar.iterations")
             console.print(f"{self.run.name}: resumed from iteration {self.iteration}")
 
     # ----------------------------------------------------------------------------------------

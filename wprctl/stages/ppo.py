@@ -124,7 +124,7 @@ from wprctl.rl.rollout import (
     response_logits,
     token_values,
 )
-from wprctl.runs import RunDir, resolve_model_ref
+from wprctl.runs import RunDir, check_resume_step, resolve_model_ref
 from wprctl.scoring import token_logprobs
 
 
@@ -315,6 +315,7 @@ class PPORecipe:
                 {"actor": self.actor, "critic": self.critic}, self.run.checkpoint_dir
             )
             self.step = int(client["step"])
+            check_resume_step(self.run, self.step, self.total, "ppo.max_steps, ppo.epochs")
             self.beta.load_state_dict(client["beta"])
             console.print(f"{self.run.name}: resumed from step {self.step}")
 

@@ -20,7 +20,7 @@ import torch
 from wprctl import engine as eng
 from wprctl.console import console, is_main_process, make_progress
 from wprctl.manifest import Manifest, OptimConfig
-from wprctl.runs import MetricsLogger, RunDir
+from wprctl.runs import MetricsLogger, RunDir, check_resume_step
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[Any, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -119,6 +119,7 @@ def run_supervised(
     if resuming and run.has_checkpoint():
         client = eng.load_checkpoint({"model": engine}, run.checkpoint_dir)
         step = int(client["step"])
+        check_resume_step(run, step, total, f"{run.kind}.max_steps, {run.kind}.epochs")
         console.print(f"{task.name}: resumed from step {step} ({run.checkpoint_dir})")
     logger = MetricsLogger(run, resume_from_step=step if resuming else None)
 

@@ -1,0 +1,60 @@
+"""Run folders' bookkeeping: outputs that move with the project, and who owns a running run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from wprctl.manifest import load_manifest
+from wprctl.runs import finish_run, owner_alive, prepare_run, resolve_model_ref, run_dir
+
+
+def _project(root: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "wprctl.toml").write_text('[project]\noutput_dir = "runs"\n')
+    return root / "wprctl.toml"
+
+
+def test_a_copied_or_moved_project_reads_its_own_outputs(tmp_path: Path) -> None:
+    manifest = load_manifest(_project(tmp_path / "a"))
+    run, _ = prepare_run(manifest, "sft", "sft", resume=False, force=False)
+    run.model_dir.mkdir()
+    outside = tmp_path / "elsewhere.jsonl"
+    finish_run(manifest, run, {"model": str(run.model_dir), "jsonl": str(outside)}, {"loss": 1.0})
+    stored = json.loads((manifest.output_dir / "lineage.json").read_text())["sft"]["outputs"]
+    assert stored == {"model": "sft/model", "jsonl": str(outside)}
+
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")  # moved: the old place is gone
+    moved = load_manifest(tmp_path / "b" / "wprctl.toml")
+    own = tmp_path / "b" / "runs" / "sft" / "model"
+    assert resolve_model_ref(moved, "sft") == own
+    assert run_dir(moved, "sft").state()["outputs"] == {"model": str(own), "jsonl": str(outside)}
+    from wprctl.report.collect import collect_runs
+
+    sft = next(r for r in collect_runs(moved) if r.name == "sft")
+    assert sft.state["outputs"]["model"] == str(own)
+
+
+def test_a_run_is_owned_by_the_live_process_that_started_it_and_no_other() -> None:
+    import psutil
+
+    me = {
+        "pid": os.getpid(),
+        "pid_started": psutil.Process().create_time(),
+        "host": socket.gethostname(),
+    }
+    assert owner_alive(me) is True
+    # the same pid, but a process started at another time: the pid was reused
+    assert owner_alive({**me, "pid_started": me["pid_started"] - 3600}) is False
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert owner_alive({**me, "pid": gone.pid, "pid_started": time.time()}) is False
+    # written on another machine, or by a wprctl that did not record the owner: cannot tell
+    assert owner_alive({**me, "host": "another-host"}) is None
+    assert owner_alive({"pid": os.getpid()}) is None
