@@ -300,7 +300,10 @@ def zero3(model: Any) -> bool:
 
 @contextlib.contextmanager
 def gathered(model: Any) -> Iterator[None]:
-    """Gather ZeRO-3 partitioned parameters for the duration (generation needs whole weights)."""
+    """Gather ZeRO-3 partitioned parameters for the duration, to read whole weights.
+
+    Not for running the model: see ``generation_ready``.
+    """
     if not zero3(model):
         yield
         return
@@ -308,6 +311,35 @@ def gathered(model: Any) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(list(unwrap(model).parameters()), modifier_rank=None):
         yield
+
+
+@contextlib.contextmanager
+def generation_ready(model: Any) -> Iterator[None]:
+    """Whole weights on every rank, and ZeRO-3's per-module hooks off, for the duration.
+
+    Gathering alone is not enough: the hooks still run at every forward pass and talk to the
+    other ranks, and ranks sample a different number of tokens (each stops at its own eos), so
+    one rank's extra steps meet no partner: gloo reports a collective mismatch, or the job hangs.
+    As TRL and OpenRLHF do, the hooks come off while generating and go back on after, so
+    generation is local (and no longer all-gathers every layer at every token).
+    """
+    if not zero3(model):
+        yield
+        return
+    import deepspeed
+
+    offload = getattr(model.optimizer, "parameter_offload", None) or model.optimizer
+    module = unwrap(model)
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        for param in module.parameters():
+            param.ds_active_sub_modules.clear()
+        for hook in [*offload.forward_hooks, *offload.backward_hooks]:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)
 
 
 # --------------------------------------------------------------------------------------------

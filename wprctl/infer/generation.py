@@ -139,7 +139,7 @@ def generate(
 
     With `seed`, sampling runs under that seed in a forked RNG (see `batch_seed`); without it,
     under the caller's global RNG. A DeepSpeed engine is unwrapped; under ZeRO-3 call this
-    inside `wprctl.engine.gathered(model)`.
+    inside `wprctl.engine.generation_ready(model)`.
     """
     module = getattr(model, "module", model)
     device = next(module.parameters()).device

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from wprctl.engine import gathered, unwrap
+from wprctl.engine import generation_ready, unwrap
 from wprctl.infer.generation import SamplingConfig
 from wprctl.infer.generation import generate as sample_batch
 from wprctl.scoring import sequence_scores, token_logprobs
@@ -32,13 +32,13 @@ def generate(
     *,
     seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one response per prompt (parameters gathered under ZeRO-3).
+    """Sample one response per prompt (under ZeRO-3 with whole weights, see ``generation_ready``).
 
     Returns (responses (B, R) padded with pad after the first eos, mask (B, R) float, 1.0 on the
     tokens up to and including that eos). Without `seed`, sampling draws from the global RNG,
     which training checkpoints save and restore.
     """
-    with gathered(model):
+    with generation_ready(model):
         g = sample_batch(
             model,
             tokenizer,
