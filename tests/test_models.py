@@ -49,7 +49,7 @@ def test_tokenizer_without_pad_is_a_user_error(tiny_model_dir: Path, tmp_path: P
     tok.save_pretrained(tmp_path)
     with pytest.raises(UserError, match="no pad token"):
         load_tokenizer(tmp_path)
-    with pytest.raises(UserError, match="cannot load a tokenizer"):
+    with pytest.raises(UserError, match="cannot load the tokenizer: no such folder"):
         load_tokenizer(tmp_path / "nothing-here")
 
 
@@ -73,3 +73,5 @@ def test_a_truncated_or_empty_model_folder_is_a_user_error(
         load_tokenizer(tmp_path / "empty")
     with pytest.raises(UserError, match="the folder is empty"):
         load_causal_lm(tmp_path / "empty")
+    with pytest.raises(UserError, match="no such folder"):
+        load_tokenizer(tmp_path / "missing")

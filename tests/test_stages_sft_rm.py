@@ -260,6 +260,26 @@ def test_rm_runs_of_one_manifest_train_the_same_model(tmp_path: Path) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+def test_force_with_bad_input_keeps_the_finished_run(tmp_path: Path) -> None:
+    manifest = _init(tmp_path)
+    args = [*MICRO, "--set", "sft.max_steps=2"]
+    assert run_cli("sft", "-m", str(manifest), *args).returncode == 0
+    model = tmp_path / "runs" / "sft" / "model" / "model.safetensors"
+    before = model.read_bytes()
+    bad = ["--set", f"model.tokenizer={tmp_path / 'no-such-tokenizer'}", "--force"]
+    for extra in ([], ["--num-processes", "2"]):
+        res = run_cli("sft", "-m", str(manifest), *args, *bad, *extra)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert "no-such-tokenizer" in res.stderr and "previous run is kept" in res.stderr
+        assert "--resume" not in res.stderr and "Traceback" not in res.stderr
+        assert model.read_bytes() == before  # the finished run it was to replace is intact
+        status = json.loads(run_cli("status", "-m", str(manifest), "--json").stdout)
+        assert status["stages"][0]["status"] == "finished"
+    res = run_cli("sft", "-m", str(manifest), *args, "--set", "sft.lr=1e-3", "--force")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert model.read_bytes() != before and not (tmp_path / "runs" / ".replaced" / "sft").exists()
+
+
 def test_rm_without_sft_output_is_exit_2(tmp_path: Path) -> None:
     manifest = _init(tmp_path)
     res = run_cli("rm", "-m", str(manifest), *MICRO)

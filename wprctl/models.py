@@ -215,6 +215,12 @@ def _check_folder(source: str | Path, what: str) -> None:
     path = Path(source).expanduser()
     if path.is_dir() and not any(path.iterdir()):
         raise UserError(f"{source}: cannot load the {what}: the folder is empty")
+    text = str(source)
+    # a hub id is "name" or "owner/name"; anything else that does not exist is a missing folder
+    # (transformers would call it an invalid repo id)
+    looks_local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
+    if looks_local and not path.exists():
+        raise UserError(f"{source}: cannot load the {what}: no such folder")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -135,6 +135,11 @@ class RunDir:
     def status(self) -> str:
         return run_status(self.state(), self.root.exists())
 
+    @property
+    def replaced_dir(self) -> Path:
+        """Where --force keeps the previous run until the new one can stand in for it."""
+        return self.root.parent / ".replaced" / self.name
+
     def has_checkpoint(self) -> bool:
         return (self.checkpoint_dir / "latest").exists()
 
@@ -191,7 +196,7 @@ def prepare_run(
     resuming = resume and run.root.exists() and status != "absent"
     if is_main_process():
         if force and run.root.exists():
-            shutil.rmtree(run.root)
+            _set_aside(run)
         run.root.mkdir(parents=True, exist_ok=True)
         config = {"stage": kind, "name": name, "manifest": dump_resolved(manifest)}
         if extra_config:
@@ -209,6 +214,35 @@ def prepare_run(
             host=socket.gethostname(),
         )
     return run, resuming
+
+
+def _set_aside(run: RunDir) -> None:
+    # Not deleted yet: a --force run that fails on bad input (a mistyped model path, a broken
+    # data file) must not have destroyed the finished run it was meant to replace.
+    aside = run.replaced_dir
+    if aside.exists():
+        shutil.rmtree(aside)
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(run.root, aside)
+
+
+def settle_replaced(manifest: Manifest, run: RunDir, *, succeeded: bool) -> str | None:
+    """After a --force run: the previous run goes once the new one finished or saved a
+    checkpoint (it can then be resumed); otherwise the previous run is put back as it was.
+    Returns a note for the user when it was put back."""
+    aside = run.replaced_dir
+    if not is_main_process() or not aside.exists():
+        return None
+    if succeeded or run.has_checkpoint():
+        shutil.rmtree(aside)
+        if not succeeded:  # lineage still names the previous run's outputs, now gone
+            lineage = _read_json(manifest.output_dir / LINEAGE_FILE) or {}
+            if lineage.pop(run.name, None) is not None:
+                _write_json_atomic(manifest.output_dir / LINEAGE_FILE, lineage)
+        return None
+    shutil.rmtree(run.root, ignore_errors=True)
+    os.replace(aside, run.root)
+    return f"{run.root}: the previous run is kept as it was (--force starts over only once it runs)"
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from wprctl.errors import RunError, UserError, WprctlError
 from wprctl.manifest import Manifest, load_manifest
-from wprctl.runs import RunDir, fail_run, prepare_run, run_dir
+from wprctl.runs import RunDir, fail_run, prepare_run, run_dir, settle_replaced
 
 STAGE_MODULES = {
     "sft": "wprctl.stages.sft",
@@ -78,10 +78,16 @@ def execute_stage(
         )
         if code != 0:
             fail_run(run, f"a rank exited with status {code}")
+            kept = settle_replaced(manifest, run, succeeded=False)
+            if code == 2:  # the ranks said what was wrong with the input; no need to resume
+                raise UserError(
+                    f"{name}: bad input (the message above)" + (f"; {kept}" if kept else "")
+                )
             raise RunError(
-                f"{name}: a process exited with status {code}; partial output is in {run.root} "
-                f"({resume_hint(kind, name)})"
+                f"{name}: a process exited with status {code}; "
+                + (kept or f"partial output is in {run.root} ({resume_hint(kind, name)})")
             )
+        settle_replaced(manifest, run, succeeded=True)
         return run.state().get("metrics", {})
 
     module = importlib.import_module(STAGE_MODULES[kind])
@@ -102,28 +108,42 @@ def execute_stage(
             run, resuming = prepare_run(manifest, name, kind, resume=resume, force=force)
         if resuming and run.status == "finished":
             return _already_finished(run)
+    from wprctl.console import err_console
+
+    # ranks started by the re-launch above leave the run folder's fate to their parent
+    owner = os.environ.get(PREPARED_ENV) != "1"
+
+    def settle(succeeded: bool) -> str | None:
+        return settle_replaced(manifest, run, succeeded=succeeded) if owner else None
+
     try:
-        return module.run(manifest, run, resuming)
+        metrics = module.run(manifest, run, resuming)
     except WprctlError as exc:
         fail_run(run, str(exc))
+        kept = settle(False)
+        if kept:
+            err_console.print(f"note: {kept}")
         raise
     except KeyboardInterrupt:
         fail_run(run, "interrupted")
-        from wprctl.console import err_console
-
+        kept = settle(False)
         err_console.print(
-            f"{name}: interrupted; {run.root} keeps what was saved ({resume_hint(kind, name)})"
+            f"{name}: interrupted; "
+            + (kept or f"{run.root} keeps what was saved ({resume_hint(kind, name)})")
         )
         raise
     except Exception as exc:
+        fail_run(run, f"{type(exc).__name__}: {exc}")
+        kept = settle(False)
         log = run.root / "error.log"
         if run.root.exists():
             log.write_text(traceback.format_exc(), encoding="utf-8")
-        fail_run(run, f"{type(exc).__name__}: {exc}")
         raise RunError(
-            f"{name} failed: {type(exc).__name__}: {exc}\n  traceback: {log}\n  partial output: "
-            f"{run.root} ({resume_hint(kind, name)})"
+            f"{name} failed: {type(exc).__name__}: {exc}\n  traceback: {log}\n  "
+            + (kept or f"partial output: {run.root} ({resume_hint(kind, name)})")
         ) from exc
+    settle(True)
+    return metrics
 
 
 def _already_finished(run: RunDir) -> dict[str, float]:
