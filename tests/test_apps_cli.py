@@ -138,8 +138,12 @@ def test_bad_generations_exit_2(tmp_path: Path, small: Path, capsys) -> None:
         cli("apps-eval", str(gens), "--problems", str(tmp_path / "nope.jsonl"), "--out", "o") == 2
     )
     capsys.readouterr()
+    good = write_jsonl(tmp_path / "ok.jsonl", [{"id": "1", "response": "print(1)"}])
+    assert cli("apps-eval", str(good), "--problems", "builtin:apps-sample", "--out", "o") == 2
+    assert (
+        "unknown built-in problem set; available: builtin:apps-samples" in capsys.readouterr().err
+    )
     for timeout in ("nan", "inf", "0"):  # nan and inf reached select() as a traceback
-        good = write_jsonl(tmp_path / "ok.jsonl", [{"id": "1", "response": "print(1)"}])
         args = ["--problems", str(small), "--out", str(tmp_path / "o2"), "--timeout", timeout]
         assert cli("apps-eval", str(good), *args) == 2
         assert "timeout must be a positive, finite number" in capsys.readouterr().err

@@ -126,6 +126,8 @@ def test_set_overrides_are_typed_and_validated(tmp_path: Path) -> None:
         load_manifest(p, ["sft.lr=fast"])
     with pytest.raises(UserError, match="did you mean 'regularizer'"):
         load_manifest(p, ["ppo.regulariser.kind=kl"])
+    with pytest.raises(UserError, match=r"\[ppo\] is a table of settings, not a single value"):
+        load_manifest(p, ["ppo=3"])
     with pytest.raises(UserError, match="KEY=VALUE"):
         parse_override("ppo.regularizer.kind")
 

@@ -75,3 +75,13 @@ def test_a_truncated_or_empty_model_folder_is_a_user_error(
         load_causal_lm(tmp_path / "empty")
     with pytest.raises(UserError, match="no such folder"):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_a_causal_lm_is_not_accepted_as_a_reward_model(tiny_model_dir: Path) -> None:
+    from wprctl.models import load_reward_model
+
+    # as a backbone (`wprctl rm`, PPO's critic) its fresh head is expected
+    backbone = load_reward_model(tiny_model_dir, pad_token_id=0)
+    assert backbone.score.weight.shape[0] == 1
+    with pytest.raises(UserError, match="not a reward model: it has no trained score head"):
+        load_reward_model(tiny_model_dir, pad_token_id=0, trained_head=True)

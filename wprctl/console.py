@@ -52,6 +52,18 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
             progress.advance(task)
 
 
+def short_metrics(metrics: dict[str, float], n: int = 4) -> str:
+    """The first ``n`` metrics as "name value" for a summary table's cell."""
+
+    def number(v: float) -> str:
+        # whole numbers (steps, counts) in full: 6000 steps read badly as 6e+03
+        if isinstance(v, int | float) and float(v).is_integer() and abs(v) < 1e12:
+            return str(int(v))
+        return f"{v:.3g}"
+
+    return ", ".join(f"{k.split('/')[-1]} {number(v)}" for k, v in list(metrics.items())[:n])
+
+
 _QUIET_DONE = False
 
 

@@ -543,6 +543,8 @@ def _format_errors(
         msg = err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
+        if err["type"] == "model_type":  # pydantic names our class: a [section] is a table
+            msg = f"[{'.'.join(loc)}] is a table of settings, not a single value"
         if not loc:  # a check across keys (Manifest._stages_known) names its key first
             first = msg.split(":", 1)[0]
             loc = [first] if first in Manifest.model_fields else []

@@ -170,18 +170,31 @@ def load_reward_model(
     pad_token_id: int,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    trained_head: bool = False,
 ) -> PreTrainedModel:
-    """An `AutoModelForSequenceClassification` with one label, scoring the last non-pad token."""
+    """An `AutoModelForSequenceClassification` with one label, scoring the last non-pad token.
+
+    ``trained_head``: the checkpoint must hold the score head (a reward model used for scoring,
+    not a backbone for `wprctl rm` or PPO's critic, whose head starts fresh): a causal LM loads
+    without complaint, with a random head, and PPO would then optimize noise.
+    """
     from transformers import AutoModelForSequenceClassification
 
-    model = _load(
+    model, info = _load(
         AutoModelForSequenceClassification,
         source,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         num_labels=1,
         pad_token_id=pad_token_id,
+        output_loading_info=True,
     )
+    fresh = [k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")]
+    if trained_head and fresh:
+        raise UserError(
+            f"{source}: not a reward model: it has no trained score head ({', '.join(fresh)} "
+            "would start random). Use a `wprctl rm` output or a sequence-classification checkpoint."
+        )
     model.config.pad_token_id = pad_token_id
     return model
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wprctl.console import console
+from wprctl.console import console, short_metrics
 from wprctl.errors import UserError
 from wprctl.manifest import Manifest, load_manifest
 from wprctl.runs import finish_run, prepare_run, read_lineage, run_dir
@@ -214,7 +214,7 @@ def print_summary(outcomes: list[StageOutcome]) -> None:
     colors = {"done": "green", "skipped": "dim", "failed": "red"}
     for o in outcomes:
         shown = {k: v for k, v in o.metrics.items() if not k.endswith("_start")}
-        metrics = ", ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in list(shown.items())[:4])
+        metrics = short_metrics(shown)
         table.add_row(
             o.name,
             o.kind,

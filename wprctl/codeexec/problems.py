@@ -143,6 +143,8 @@ def load_problems(source: str | Path, split: str | None = None) -> dict[str, Pro
     real APPS problems shipped with wprctl for the demo)."""
     if str(source) == BUILTIN_SAMPLES:
         source = BUILTIN_SAMPLES_PATH
+    elif str(source).startswith("builtin:"):  # not a hub id: do not ask the hub about it
+        raise UserError(f"{source}: unknown built-in problem set; available: {BUILTIN_SAMPLES}")
     path = Path(source)
     if path.exists():
         rows = list(_local_rows(path))

@@ -45,7 +45,7 @@ def status(
     """Show which stages are done, where their outputs are and their key metrics."""
     from rich.table import Table
 
-    from wprctl.console import console
+    from wprctl.console import console, short_metrics
     from wprctl.manifest import load_manifest
     from wprctl.project import stage_status
 
@@ -64,9 +64,7 @@ def status(
         table.add_column(col, overflow="fold")
     colors = {"finished": "green", "running": "yellow", "interrupted": "red", "failed": "red"}
     for r in rows:
-        metrics = ", ".join(
-            f"{k.split('/')[-1]} {v:.3g}" for k, v in list(r["metrics"].items())[:4]
-        )
+        metrics = short_metrics(r["metrics"])
         out = r["outputs"].get("model") or next(iter(r["outputs"].values()), "") or r["path"]
         st = r["status"] + (
             " (checkpoint)" if r["checkpoint"] and r["status"] != "finished" else ""
@@ -94,7 +92,7 @@ def run(
     num_processes: NumProcOpt = None,
 ) -> None:
     """Run the manifest's `stages` in order: finished ones are skipped, partial ones resumed, and the
-    first failure stops the run. Named [[variants]] (e.g. PPO with kl and with wpr) get their own
+    first failure stops the run. Named \\[\\[variants]] (e.g. PPO with kl and with wpr) get their own
     output folders. Ends with a summary table."""
     from wprctl.pipeline import run_pipeline
 

@@ -18,7 +18,7 @@ from wprctl.commands.options import (
 VariantOpt = Annotated[
     str | None,
     typer.Option(
-        "--variant", help="Run a named [[variants]] entry of this stage (own output folder)."
+        "--variant", help="Run a named \\[\\[variants]] entry of this stage (own output folder)."
     ),
 ]
 

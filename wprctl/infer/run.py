@@ -152,6 +152,7 @@ def make_scorer(
             pad_token_id=tokenizer.pad_token_id,
             dtype=select_dtype(manifest.model.dtype),
             trust_remote_code=manifest.model.trust_remote_code,
+            trained_head=True,
         )
         return model.to(device()).eval()
 

@@ -117,7 +117,7 @@ def build_reward_fn(
 
     rm_path = resolve_model_ref(m, ref or "rm", what=f"{stage}.reward_model")
     model = load_reward_model(
-        rm_path, pad_token_id=pad_id, trust_remote_code=m.model.trust_remote_code
+        rm_path, pad_token_id=pad_id, trust_remote_code=m.model.trust_remote_code, trained_head=True
     )
     return ModelReward(eng.init_frozen(model, spec))
 

@@ -39,7 +39,7 @@ def resolve_variant(manifest: Manifest, kind: str, variant: str | None) -> tuple
         )
     if v.stage != kind:
         raise UserError(
-            f"variant {variant!r} is a {v.stage} variant, not {kind}; run `wprctl {v.stage} --variant {variant}`"
+            f"variant {variant!r} is of stage {v.stage}, not {kind}; run `wprctl {v.stage} --variant {variant}`"
         )
     return manifest.for_variant(variant), variant
 
