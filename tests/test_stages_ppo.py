@@ -105,6 +105,8 @@ def test_ppo_two_processes(demo_project: Path, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     state = json.loads((tmp_path / "ppo" / "state.json").read_text())
     assert state["status"] == "finished" and state["metrics"]["steps"] == 2.0
+    # batch sizes are per process, so the run records how many processes it had
+    assert json.loads((tmp_path / "ppo" / "config.json").read_text())["world_size"] == 2
 
 
 def test_too_few_prompts_is_a_usage_error(demo_project: Path, tmp_path: Path) -> None:

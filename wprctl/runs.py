@@ -258,7 +258,12 @@ def _changed_settings(old: Any, new: dict[str, Any]) -> dict[str, tuple[Any, Any
     """Manifest keys whose value differs between a run's config.json and the resumed run's."""
     if not isinstance(old, dict):
         return {}
-    before, after = _flatten(old.get("manifest", {})), _flatten(new["manifest"])
+
+    def settings(config: dict[str, Any]) -> dict[str, Any]:
+        own = {k: v for k, v in config.items() if k not in ("stage", "name", "manifest")}
+        return {**_flatten(config.get("manifest", {})), **_flatten(own)}
+
+    before, after = settings(old), settings(new)
     return {
         key: (before.get(key), after.get(key))
         for key in sorted(before.keys() | after.keys())

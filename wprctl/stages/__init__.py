@@ -64,8 +64,12 @@ def execute_stage(
 
     manifest, name = resolve_variant(load_manifest(manifest_path, overrides), kind, variant)
     nproc = num_processes or manifest.deepspeed.num_processes
+    # batch sizes are per process: a run's config must say how many there were
+    world = {"world_size": nproc if not under_launcher() else int(os.environ.get("WORLD_SIZE", 1))}
     if nproc > 1 and not under_launcher():
-        run, resuming = prepare_run(manifest, name, kind, resume=resume, force=force)
+        run, resuming = prepare_run(
+            manifest, name, kind, resume=resume, force=force, extra_config=world
+        )
         if resuming and run.status == "finished":
             return _already_finished(run)
         os.environ[PREPARED_ENV] = "1"
@@ -100,12 +104,16 @@ def execute_stage(
 
             init_distributed()
             if rank() == 0:
-                run, resuming = prepare_run(manifest, name, kind, resume=resume, force=force)
+                run, resuming = prepare_run(
+                    manifest, name, kind, resume=resume, force=force, extra_config=world
+                )
             barrier()
             run = run_dir(manifest, name, kind)
             resuming = resume and run.has_checkpoint()
         else:
-            run, resuming = prepare_run(manifest, name, kind, resume=resume, force=force)
+            run, resuming = prepare_run(
+                manifest, name, kind, resume=resume, force=force, extra_config=world
+            )
         if resuming and run.status == "finished":
             return _already_finished(run)
     from wprctl.console import err_console
