@@ -211,6 +211,9 @@ def test_failed_pairs_are_not_cached_and_rerun_retries_only_them(tmp_path, serve
     code, text = run(judge_args(a, b, out, server.base_url, *fast), capsys)
     assert code == 1
     assert "rerun" in text.lower() and "1 pair(s) failed" in text
+    # the message names where and why, not only how many
+    flat = " ".join(text.split())
+    assert f"at {server.base_url}" in flat and "the error (1 of them)" in flat and "500" in flat
     rows = read_out(out)
     assert rows[2]["status"] == "failed" and rows[2]["winner"] is None and "500" in rows[2]["error"]
     assert all(rows[i]["status"] == "ok" for i in (0, 1, 3, 4, 5))

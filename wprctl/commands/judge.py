@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -290,10 +291,16 @@ def _judge(
             "and cached; fix the cause and rerun the same command to resume."
         )
     if result.failed:
+        errors = Counter(
+            str(r.get("error", "?")) for r in result.rows if r.get("status") == "failed"
+        )
+        cause, times = errors.most_common(1)[0]
+        where = public_url(cfg.base_url) or "the OpenAI API"
         raise RunError(
-            f'{result.failed} pair(s) failed after {cfg.max_retries} retries (status "failed" '
-            f"in {out}, counted in {summary_path(out).name}). Rerun the same command to retry "
-            "them: finished judgements are cached and will not be requested again."
+            f"{result.failed} pair(s) failed after {cfg.max_retries} retries at {where}; "
+            f'the error ({times} of them): {cause[:300]}. They are marked "failed" in {out} '
+            f"and counted in {summary_path(out).name}. Rerun the same command to retry them: "
+            "finished judgements are cached and will not be requested again."
         )
     if result.stopped == "max_cost":
         err_console.print(f"[yellow]warning:[/] {result.summary['stop_message']}")
