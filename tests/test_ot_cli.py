@@ -100,3 +100,32 @@ def test_cost_graph_uses_manifest_defaults(tiny_model: Path, tmp_path: Path) -> 
     data = json.loads(res.stdout)
     assert (data["k1"], data["metric"], data["epsilon"]) == (4, "cos", 0.5)
     assert list((tmp_path / "runs" / "cache").glob("cost_graph_*.pt"))
+
+
+def test_cost_graph_reads_words_as_in_running_text(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Byte-level BPE spells "car" inside a sentence as one token with its space ("Ġcar");
+    alone, "car" is other pieces. A word means the former; exact token strings and ids work."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    # a word that is one token after a space and something else alone: the case this is about
+    word = next(
+        w[1:]
+        for w in sorted(tok.get_vocab())
+        if w.startswith("Ġ") and len(w) > 3 and len(ids(" " + w[1:])) == 1
+        and ids(w[1:]) != ids(" " + w[1:])
+    )  # fmt: skip
+    spaced = ids(" " + word)
+    piece = tok.convert_ids_to_tokens(spaced[0])
+    digits = next(str(i) for i in range(len(tok)) if str(i) not in tok.get_vocab())
+    res = run_cli(
+        "cost-graph", "--model", str(tiny_model_dir), "--k", "5", "--json",
+        word, piece, digits, cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    got = [t["token_id"] for t in json.loads(res.stdout)["tokens"]]
+    assert got == [spaced[0], spaced[0], int(digits)]

@@ -64,7 +64,19 @@ def _load(model_dir: Path) -> tuple[Any, Any]:
 
 
 def _token_id(tokenizer: Any, word: str, vocab: int) -> tuple[int, str | None]:
-    if word.isdigit() and word not in tokenizer.get_vocab():
+    """A word as it appears in running text, an exact token string, or a token id.
+
+    Byte-level BPE (GPT-2, Llama 3, the demo's) spells a word inside a sentence with its leading
+    space ("Ġcar"); tokenized alone, "car" is another, rarer token or several pieces. The word in
+    running text is what a user means, so " word" is tried first when it is one token.
+    """
+    spaced = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    if len(spaced) == 1 and not word.isdigit():
+        return int(spaced[0]), None
+    known = tokenizer.get_vocab()
+    if word in known:  # an exact token string, e.g. "Ġcar" or "</s>"
+        return int(known[word]), None
+    if word.isdigit():
         tid = int(word)
         if tid >= vocab:
             raise UserError(
@@ -85,7 +97,12 @@ def register(app: typer.Typer) -> None:
     @app.command("cost-graph")
     def cost_graph(
         tokens: Annotated[
-            list[str], typer.Argument(metavar="TOKEN...", help="Words, tokens or token ids.")
+            list[str],
+            typer.Argument(
+                metavar="TOKEN...",
+                help="Words (as in running text, so 'car' is the token of ' car' where that is one "
+                "token), exact token strings, or token ids (digits that are not a token).",
+            ),
         ],
         manifest: ManifestOpt = DEFAULT_MANIFEST,
         model: Annotated[
