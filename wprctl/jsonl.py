@@ -23,7 +23,9 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise UserError(f"{p}, line {n}: not valid JSON ({exc.msg})") from None
+                    raise UserError(
+                        f"{p}, line {n}: not valid JSON ({exc.msg} at column {exc.colno})"
+                    ) from None
                 if not isinstance(obj, dict):
                     raise UserError(
                         f"{p}, line {n}: expected a JSON object, got {type(obj).__name__}"

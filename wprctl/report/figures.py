@@ -236,17 +236,27 @@ def frontier_figure(
         return None
     fig, axes = _new_figure(ncols=len(metrics), width=6.5 * len(metrics))
     for ax, metric in zip(axes, metrics, strict=True):
-        start = next((r for r in points if r.first(metric) is not None), None)
-        if start is not None:
+        starts = {
+            r.name: (r.first("eval/kl_ref"), r.first(metric))
+            for r in points
+            if r.first(metric) is not None and r.first("eval/kl_ref") is not None
+        }
+        shared = len({(round(x, 6), round(y, 6)) for x, y in starts.values()}) == 1
+        if shared:
+            x0, y0 = next(iter(starts.values()))
             ax.scatter(
-                [start.first("eval/kl_ref")],
-                [start.first(metric)],
-                marker="*",
-                s=220,
-                color="grey",
-                zorder=3,
-                label="start (SFT policy)",
+                [x0], [y0], marker="*", s=220, color="grey", zorder=3, label="start (SFT policy)"
             )
+        else:
+            # runs that started from different policies (or evaluated them on another number of
+            # processes) each get their own start, joined to their end: one grey star would
+            # measure some runs from a point they never were at
+            for r in points:
+                if r.name in starts and r.last(metric) is not None:
+                    (x0, y0), x1, y1 = starts[r.name], r.last("eval/kl_ref"), r.last(metric)
+                    ax.scatter([x0], [y0], marker="*", s=160, color=colors[r.name], zorder=3)
+                    ax.plot([x0, x1], [y0, y1], ls=":", lw=1, color=colors[r.name], zorder=2)
+            ax.scatter([], [], marker="*", s=160, color="grey", label="start of each run")
         placed = sorted(
             ((r, r.last("eval/kl_ref"), r.last(metric)) for r in points),
             key=lambda p: (p[1] is None, p[1] or 0.0, p[2] or 0.0),
@@ -285,7 +295,8 @@ def frontier_figure(
         "Reward-vs-KL frontier",
         "One point per variant at its last held-out evaluation: reward (and gold reward, when "
         "the task has one) against KL to the reference. Up and to the left is better: more "
-        "reward for less drift. The star is the starting SFT policy.",
+        "reward for less drift. The star is the starting policy (one per run, joined to its point, "
+        "when the runs started from different ones).",
     )
 
 

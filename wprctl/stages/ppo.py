@@ -345,7 +345,8 @@ class PPORecipe:
         )
         timers["time/generation"] += time.time() - t0
         keep = mask.sum(1) >= self.cfg.min_answer_tokens
-        stats["dropped"].append(float((~keep).sum()))
+        # a fraction, so the mean over batches and ranks is the global one (a count was averaged)
+        stats["dropped_fraction"].append(float((~keep).float().mean()))
         if not keep.any():
             return None
         prompt_ids, prompt_mask, responses, mask = (
