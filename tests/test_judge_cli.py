@@ -402,6 +402,11 @@ def test_bad_inputs_exit_2_naming_the_problem(tmp_path, capsys) -> None:
     out = tmp_path / "out.jsonl"
     code, text = run(["judge", str(a), str(b), "--out", str(out), "--dry-run"], capsys)
     assert code == 2 and "id 1" in text and "prompts differ" in text
+    # an id used for two prompts in one file is named as such, not as a mismatch with A
+    b.write_text("\n".join([rows[0], rows[1], json.dumps(changed)]) + "\n")
+    code, text = run(["judge", str(a), str(b), "--out", str(out), "--dry-run"], capsys)
+    flat = " ".join(text.split())
+    assert code == 2 and "line 3: id 1 is also on line 2, with another prompt" in flat
     b.write_text(rows[0] + "\n{not json\n")
     code, text = run(["judge", str(a), str(b), "--out", str(out), "--dry-run"], capsys)
     assert code == 2 and "line 2" in text and str(b) in text

@@ -69,6 +69,7 @@ def load_responses(path: str | Path) -> Responses:
     p = Path(path)
     chosen: dict[str, tuple[int, dict[str, Any]]] = {}
     seen: dict[str, int] = {}
+    first: dict[str, tuple[int, str]] = {}  # id -> (line, prompt) where it first appears
     for n, row in read_jsonl(p):
         for field in ("id", "prompt", "response"):
             if field not in row:
@@ -80,6 +81,13 @@ def load_responses(path: str | Path) -> Responses:
             if not isinstance(row[field], str):
                 raise UserError(f"{p}, line {n}: {field!r} must be a string")
         key = id_key(row["id"])
+        line, prompt = first.setdefault(key, (n, row["prompt"]))
+        if prompt.strip() != row["prompt"].strip():
+            # several samples of one prompt share its id; two prompts must not
+            raise UserError(
+                f"{p}, line {n}: id {row['id']!r} is also on line {line}, with another prompt; "
+                "ids must name one prompt"
+            )
         seen[key] = seen.get(key, 0) + 1
         rank = row.get("sample", 0) if isinstance(row.get("sample", 0), int) else 0
         if key not in chosen or rank < chosen[key][0]:
