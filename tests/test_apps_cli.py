@@ -32,7 +32,9 @@ def small(tmp_path: Path) -> Path:
     )
 
 
-def test_apps_eval_end_to_end(tmp_path: Path, small: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_apps_eval_end_to_end(
+    tmp_path: Path, small: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     monkeypatch.chdir(tmp_path)
     problems = load_problems(small)
     gens = []
@@ -49,7 +51,7 @@ def test_apps_eval_end_to_end(tmp_path: Path, small: Path, monkeypatch: pytest.M
         "--problems",
         str(small),
         "--k",
-        "1,2,5",
+        "1,2,5,10",
         "--timeout",
         "5",
         "--workers",
@@ -80,6 +82,9 @@ def test_apps_eval_end_to_end(tmp_path: Path, small: Path, monkeypatch: pytest.M
     assert set(summary["by_difficulty"]) == {"introductory", "interview"}
     assert summary["by_difficulty"]["introductory"]["n_problems"] == 2
     assert summary["mode"] == "compat"
+    # captured, as in a log: the table keeps its whole cells (80 columns cut them to "pass…")
+    table = capsys.readouterr().out
+    assert "pass@10" in table and "strict" in table and "…" not in table
 
 
 def test_unknown_problem_ids_exit_2(tmp_path: Path, small: Path, capsys) -> None:

@@ -6,7 +6,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -50,6 +50,19 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         for item in items:
             yield item
             progress.advance(task)
+
+
+def print_table(table: Any) -> None:
+    """A table at its natural width when the output is a file or a pipe (a log, CI), where rich's
+    default 80 columns would cut cells ("100.…", "samp…"); a terminal shrinks it as usual."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.measure import Measurement
+
+    natural = Measurement.get(console, console.options.update(width=10_000), table).maximum
+    # print() caps a width at the console's own: a console of the table's width does the work
+    Console(file=console.file, highlight=False, width=max(console.width, natural)).print(table)
 
 
 def short_metrics(metrics: dict[str, float], n: int = 4) -> str:

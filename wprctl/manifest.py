@@ -457,9 +457,9 @@ def load_manifest(path: str | Path | None = None, overrides: list[str] | None = 
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{p}: not valid TOML: {exc}") from None
+        raise UserError(f"{p.resolve()}: not valid TOML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{p}: cannot read the manifest: {exc}") from None
+        raise UserError(f"{p.resolve()}: cannot read the manifest: {exc}") from None
     parsed = [parse_override(item) for item in overrides or []]
     for key, value in parsed:
         _assign(raw, key, value, origin="--set")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wprctl.console import console, short_metrics
+from wprctl.console import console, print_table, short_metrics
 from wprctl.errors import UserError
 from wprctl.manifest import Manifest, load_manifest
 from wprctl.runs import finish_run, prepare_run, read_lineage, run_dir
@@ -223,4 +223,4 @@ def print_summary(outcomes: list[StageOutcome]) -> None:
             metrics,
             o.output,
         )
-    console.print(table)
+    print_table(table)

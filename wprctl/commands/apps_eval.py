@@ -171,7 +171,7 @@ def read_generations(path: Path) -> list[dict[str, Any]]:
 def print_summary(summary: dict[str, Any], ks: list[int]) -> None:
     from rich.table import Table
 
-    from wprctl.console import console
+    from wprctl.console import console, print_table
 
     table = Table(title=f"APPS execution ({summary.get('mode', '')} comparison)")
     table.add_column("level", no_wrap=True)
@@ -199,7 +199,7 @@ def print_summary(summary: dict[str, Any], ks: list[int]) -> None:
     for name, m in summary["by_difficulty"].items():
         add(name, m)
     add("all", summary, style="bold")
-    console.print(table)
+    print_table(table)
     if summary.get("pass@k_note"):
         console.print(f"[yellow]note:[/] {summary['pass@k_note']}")
     verdicts = ", ".join(f"{k}={v}" for k, v in sorted(summary["verdicts"].items()))

@@ -76,7 +76,7 @@ def _fmt(value: Any) -> str:
 def print_summary(summary: dict[str, Any], title: str) -> None:
     from rich.table import Table
 
-    from wprctl.console import console
+    from wprctl.console import print_table
 
     table = Table(title=title, show_header=True)
     table.add_column("metric")
@@ -106,7 +106,7 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
         "total_cost_usd",
     ):
         table.add_row(key, _fmt(summary.get(key)))
-    console.print(table)
+    print_table(table)
 
 
 def register(app: typer.Typer) -> None:
@@ -322,7 +322,7 @@ def _with_options(cfg: Any, updates: dict[str, Any]) -> Any:
 def _print_estimate(est: Any, model: str) -> None:
     from rich.table import Table
 
-    from wprctl.console import console
+    from wprctl.console import print_table
 
     table = Table(title=f"judge --dry-run ({model}): nothing was requested")
     table.add_column("item")
@@ -342,4 +342,4 @@ def _print_estimate(est: Any, model: str) -> None:
     ]
     for name, value in rows:
         table.add_row(name, str(value))
-    console.print(table)
+    print_table(table)

@@ -45,7 +45,7 @@ def status(
     """Show which stages are done, where their outputs are and their key metrics."""
     from rich.table import Table
 
-    from wprctl.console import console, short_metrics
+    from wprctl.console import print_table, short_metrics
     from wprctl.manifest import load_manifest
     from wprctl.project import stage_status
 
@@ -77,7 +77,7 @@ def status(
             metrics,
             out,
         )
-    console.print(table)
+    print_table(table)
 
 
 def run(

@@ -79,7 +79,7 @@ LABELS = (
 def print_summary(summary: dict[str, Any], title: str) -> None:
     from rich.table import Table
 
-    from wprctl.console import console
+    from wprctl.console import print_table
 
     table = Table(title=title, title_justify="left")
     table.add_column("metric")
@@ -87,4 +87,4 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
     for key, label in LABELS:
         if key in summary:
             table.add_row(label, _fmt(summary[key]))
-    console.print(table)
+    print_table(table)
