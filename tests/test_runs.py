@@ -58,3 +58,31 @@ def test_a_run_is_owned_by_the_live_process_that_started_it_and_no_other() -> No
     # written on another machine, or by a wprctl that did not record the owner: cannot tell
     assert owner_alive({**me, "host": "another-host"}) is None
     assert owner_alive({"pid": os.getpid()}) is None
+
+
+def test_a_run_whose_input_was_redone_reads_as_stale(tmp_path: Path) -> None:
+    from wprctl.project import stage_status
+    from wprctl.report.collect import collect_runs
+    from wprctl.runs import read_lineage, stale_inputs
+
+    manifest = load_manifest(_project(tmp_path / "p"))
+
+    def finish(name: str, *, force: bool = False, reads: str | None = None) -> None:
+        run, _ = prepare_run(manifest, name, name, resume=False, force=force)
+        if reads is not None:
+            resolve_model_ref(manifest, reads)  # what a stage does with rm.model = "sft"
+        run.model_dir.mkdir()
+        finish_run(manifest, run, {"model": str(run.model_dir)}, {})
+
+    finish("sft")
+    finish("rm", reads="sft")
+    assert read_lineage(manifest)["rm"]["inputs"].keys() == {"sft"}
+    assert stale_inputs(read_lineage(manifest), "rm") == []
+    finish("sft", force=True)  # SFT redone: the reward model was trained on the old one
+    assert stale_inputs(read_lineage(manifest), "rm") == ["sft"]
+    rows = {r["name"]: r for r in stage_status(manifest)}
+    assert rows["rm"]["stale_inputs"] == ["sft"] and rows["sft"]["stale_inputs"] == []
+    runs = {r.name: r for r in collect_runs(manifest)}
+    assert runs["rm"].stale_inputs == ["sft"]
+    finish("rm", force=True, reads="sft")
+    assert stale_inputs(read_lineage(manifest), "rm") == []

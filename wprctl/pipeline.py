@@ -18,7 +18,7 @@ from typing import Any
 from wprctl.console import console, print_table, short_metrics
 from wprctl.errors import UserError
 from wprctl.manifest import Manifest, load_manifest
-from wprctl.runs import finish_run, prepare_run, read_lineage, run_dir
+from wprctl.runs import finish_run, note_input, prepare_run, read_lineage, run_dir
 
 TRAINING = ("sft", "rm", "ppo", "dar")
 
@@ -55,6 +55,7 @@ def _sets(values: dict[str, Any]) -> list[str]:
 def _jsonl_of(manifest: Manifest, ref: str, what: str) -> str:
     lineage = read_lineage(manifest)
     if ref in lineage and lineage[ref].get("outputs", {}).get("jsonl"):
+        note_input(ref, lineage[ref])
         return lineage[ref]["outputs"]["jsonl"]
     if Path(ref).exists():
         return ref

@@ -9,7 +9,7 @@ from typing import Any
 import wprctl
 from wprctl.errors import UserError
 from wprctl.manifest import Manifest, load_manifest
-from wprctl.runs import read_lineage, run_dir, run_status
+from wprctl.runs import read_lineage, run_dir, run_status, stale_inputs
 
 TEMPLATES = ("demo", "tldr", "hh-rlhf", "apps")
 
@@ -70,6 +70,8 @@ def stage_status(manifest: Manifest) -> list[dict[str, Any]]:
                 "checkpoint": run.has_checkpoint(),
                 "path": str(run.root),
                 "error": state.get("error"),
+                # finished from inputs that were redone since: its numbers are out of date
+                "stale_inputs": stale_inputs(lineage, name) if status == "finished" else [],
             }
         )
     return rows

@@ -33,6 +33,11 @@ from wprctl.manifest import Manifest, dump_resolved
 
 LINEAGE_FILE = "lineage.json"
 
+# The finished runs the current stage has read, by name, with the time each had finished: noted
+# as names resolve (``note_input``), kept in the stage's own lineage entry, so that a run whose
+# input was redone later reads as stale (``stale_inputs``) instead of silently out of date.
+_INPUTS: dict[str, float] = {}
+
 
 def _write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +199,7 @@ def prepare_run(
             "from its last checkpoint or --force to start over."
         )
     resuming = resume and run.root.exists() and status != "absent"
+    _INPUTS.clear()
     if is_main_process():
         if force and run.root.exists():
             _set_aside(run)
@@ -313,6 +319,7 @@ def finish_run(
     lineage = _read_json(manifest.output_dir / LINEAGE_FILE) or {}
     lineage[run.name] = {
         "kind": run.kind,
+        "inputs": dict(_INPUTS),
         "outputs": stored,
         "metrics": clean,
         "finished": time.time(),
@@ -362,12 +369,26 @@ def located(record: dict[str, Any], base: Path) -> dict[str, Any]:
     return {**record, "outputs": absolute}
 
 
+def note_input(name: str, entry: dict[str, Any]) -> None:
+    """The current stage reads the finished run ``name`` (its lineage ``entry``)."""
+    finished = entry.get("finished")
+    if isinstance(finished, int | float):
+        _INPUTS[name] = float(finished)
+
+
+def stale_inputs(lineage: dict[str, Any], name: str) -> list[str]:
+    """The inputs of finished run ``name`` that were redone (or removed) after it read them."""
+    inputs = lineage.get(name, {}).get("inputs", {})
+    return sorted(k for k, t in inputs.items() if lineage.get(k, {}).get("finished") != t)
+
+
 def resolve_model_ref(manifest: Manifest, ref: str, *, what: str = "model") -> Path:
     """A stage or variant name (its finished output) or a path to a Hugging Face folder."""
     lineage = read_lineage(manifest)
     if ref in lineage:
         model = lineage[ref].get("outputs", {}).get("model")
         if model:
+            note_input(ref, lineage[ref])
             return Path(model)
     path = Path(ref).expanduser()
     if path.exists():

@@ -69,6 +69,8 @@ def status(
         st = r["status"] + (
             " (checkpoint)" if r["checkpoint"] and r["status"] != "finished" else ""
         )
+        if r["stale_inputs"]:
+            st += f" [yellow](stale: {', '.join(r['stale_inputs'])} redone since)[/]"
         table.add_row(
             r["name"],
             r["stage"],

@@ -15,7 +15,7 @@ from typing import Any
 
 from wprctl.errors import UserError
 from wprctl.manifest import STAGE_KINDS, Manifest
-from wprctl.runs import located, read_lineage, read_metrics, run_dir, run_status
+from wprctl.runs import located, read_lineage, read_metrics, run_dir, run_status, stale_inputs
 
 POLICY_KINDS = ("ppo", "dar")
 
@@ -33,6 +33,7 @@ class Run:
     rows: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] | None = None
     lineage_metrics: dict[str, Any] = field(default_factory=dict)
+    stale_inputs: list[str] = field(default_factory=list)  # redone after this run read them
 
     @property
     def finished(self) -> bool:
@@ -152,6 +153,7 @@ def collect_runs(manifest: Manifest) -> list[Run]:
                 rows=[row for row in read_metrics(rd.metrics_file) if isinstance(row, dict)],
                 summary=summary if isinstance(summary, dict) else None,
                 lineage_metrics=entry.get("metrics", {}),
+                stale_inputs=stale_inputs(lineage, name) if status == "finished" else [],
             )
         )
     return runs

@@ -76,7 +76,10 @@ def stages_table(runs: Sequence[Run]) -> Table:
         detail = r.state.get("error") or main
         if not r.finished and r.rows:
             detail = f"{len(r.rows)} metric rows, last step {r.last_step}"
-        rows.append([r.name, r.kind, r.status, _duration(r.seconds), str(detail)])
+        status = r.status
+        if r.stale_inputs:
+            status += f" (stale: {', '.join(r.stale_inputs)} redone since)"
+        rows.append([r.name, r.kind, status, _duration(r.seconds), str(detail)])
     return Table("Stages", ["stage", "kind", "status", "time", "output / detail"], rows)
 
 
