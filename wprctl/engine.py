@@ -330,6 +330,10 @@ def generation_ready(model: Any) -> Iterator[None]:
 
     offload = getattr(model.optimizer, "parameter_offload", None) or model.optimizer
     module = unwrap(model)
+    if not hasattr(offload, "forward_hooks"):  # no hooks to take off: gathering is enough
+        with gathered(model):
+            yield
+        return
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
         for param in module.parameters():
             param.ds_active_sub_modules.clear()
