@@ -76,13 +76,16 @@ def test_a_run_whose_input_was_redone_reads_as_stale(tmp_path: Path) -> None:
 
     finish("sft")
     finish("rm", reads="sft")
+    finish("ppo", reads="rm")  # and, through rm, on sft
     assert read_lineage(manifest)["rm"]["inputs"].keys() == {"sft"}
     assert stale_inputs(read_lineage(manifest), "rm") == []
     finish("sft", force=True)  # SFT redone: the reward model was trained on the old one
     assert stale_inputs(read_lineage(manifest), "rm") == ["sft"]
+    assert stale_inputs(read_lineage(manifest), "ppo") == ["sft"]  # stale through rm
     rows = {r["name"]: r for r in stage_status(manifest)}
     assert rows["rm"]["stale_inputs"] == ["sft"] and rows["sft"]["stale_inputs"] == []
     runs = {r.name: r for r in collect_runs(manifest)}
     assert runs["rm"].stale_inputs == ["sft"]
     finish("rm", force=True, reads="sft")
     assert stale_inputs(read_lineage(manifest), "rm") == []
+    assert stale_inputs(read_lineage(manifest), "ppo") == ["rm"]  # it read the old rm

@@ -377,9 +377,20 @@ def note_input(name: str, entry: dict[str, Any]) -> None:
 
 
 def stale_inputs(lineage: dict[str, Any], name: str) -> list[str]:
-    """The inputs of finished run ``name`` that were redone (or removed) after it read them."""
-    inputs = lineage.get(name, {}).get("inputs", {})
-    return sorted(k for k, t in inputs.items() if lineage.get(k, {}).get("finished") != t)
+    """The runs upstream of finished run ``name`` that were redone (or removed) after their
+    results flowed into it: its own inputs, and theirs (a judgement of answers sampled from a
+    policy trained on a reward model that was retrained since is out of date too)."""
+    redone: set[str] = set()
+    seen = {name}
+    todo = [name]
+    while todo:
+        for k, t in lineage.get(todo.pop(), {}).get("inputs", {}).items():
+            if lineage.get(k, {}).get("finished") != t:
+                redone.add(k)
+            elif k not in seen:
+                seen.add(k)
+                todo.append(k)
+    return sorted(redone)
 
 
 def resolve_model_ref(manifest: Manifest, ref: str, *, what: str = "model") -> Path:
