@@ -326,16 +326,12 @@ def generation_ready(model: Any) -> Iterator[None]:
     if not zero3(model):
         yield
         return
-    import deepspeed
-
     offload = getattr(model.optimizer, "parameter_offload", None) or model.optimizer
-    module = unwrap(model)
-    if not hasattr(offload, "forward_hooks"):  # no hooks to take off: gathering is enough
-        with gathered(model):
+    with gathered(model):
+        if not hasattr(offload, "forward_hooks"):  # no hooks to take off: gathering is enough
             yield
-        return
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        for param in module.parameters():
+            return
+        for param in unwrap(model).parameters():
             param.ds_active_sub_modules.clear()
         for hook in [*offload.forward_hooks, *offload.backward_hooks]:
             hook.remove()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -392,9 +393,8 @@ class Manifest(Section):
     def _stages_known(self) -> Manifest:
         names = {v.name for v in self.variants}
         if len(names) != len(self.variants):
-            twice = sorted(
-                {v.name for v in self.variants if [w.name for w in self.variants].count(v.name) > 1}
-            )
+            counts = Counter(v.name for v in self.variants)
+            twice = sorted(n for n, c in counts.items() if c > 1)
             raise ValueError(
                 f"variants: names must be unique; more than one is named {', '.join(map(repr, twice))}"
             )
@@ -428,7 +428,13 @@ class Manifest(Section):
         if variant is None:
             return self
         raw = self.model_dump(mode="json", exclude={"source"})
-        line = _variant_line(self.source, name)
+        index = self.variants.index(variant)
+        line = (
+            _line_of(self.source, ["variants", str(index), "set"])
+            or _line_of(self.source, ["variants", str(index), "name"])
+            if self.source is not None
+            else None
+        )
         where = f"{self.source or 'manifest'}" + (f" (line {line})" if line else "")
         origin = f"{where}: variants[{name}].set"
         for key, value in variant.set.items():
@@ -620,27 +626,6 @@ def _line_of(source: Path, loc: list[str]) -> int | None:
         if not section and current == "" and re.match(rf"^{re.escape(leaf)}\s*=", s):
             return n
     return None
-
-
-def _variant_line(source: Path | None, name: str) -> int | None:
-    """Line of the ``set =`` of the [[variants]] block named NAME (else of its ``name =``)."""
-    if source is None:
-        return None
-    try:
-        text = source.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return None
-    pattern = re.compile(rf"""^\s*name\s*=\s*["']{re.escape(name)}["']\s*(#.*)?$""")
-    start = next((n for n, line in enumerate(text, 1) if pattern.match(line)), None)
-    if start is None:
-        return None
-    for n in range(start + 1, len(text) + 1):
-        line = text[n - 1].strip()
-        if line.startswith("["):
-            break
-        if re.match(r"^set\s*=", line):
-            return n
-    return start
 
 
 def _did_you_mean(word: str, options: list[str]) -> str:

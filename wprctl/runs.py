@@ -175,7 +175,8 @@ def prepare_run(
     (nothing to do). A started run needs --resume (continue) or --force (start over).
     """
     run = run_dir(manifest, name, kind)
-    status = run.status
+    state = run.state()
+    status = run_status(state, run.root.exists())
     if force and resume:
         raise UserError("--force and --resume contradict each other; pick one")
     if status == "finished" and not force:
@@ -185,7 +186,6 @@ def prepare_run(
             f"{run.root}: stage {name!r} has already finished. Use --force to start over "
             "(this deletes its outputs) or --resume to keep them."
         )
-    state = run.state()
     if status == "running" and owner_alive(state) and state.get("pid") != os.getpid():
         # Two processes on one folder interleave their logs and checkpoints, and --force would
         # delete the folder under the live one; SIGKILLed runs read "interrupted" instead.
@@ -214,7 +214,7 @@ def prepare_run(
         run.update_state(
             status="running",
             kind=kind,
-            started=run.state().get("started", time.time()) if resuming else time.time(),
+            started=state.get("started", time.time()) if resuming else time.time(),
             pid=os.getpid(),
             pid_started=_process_started(os.getpid()),
             host=socket.gethostname(),
