@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -137,7 +138,7 @@ def _tb_series(manifest: Path, tag: str) -> list[tuple[int, float]]:
     return sorted((e.step, e.value) for e in acc.Scalars(tag))
 
 
-def test_a_live_run_is_not_touched_by_a_second_process_and_ctrl_c_exits_130(
+def test_a_live_run_is_not_touched_by_a_second_process_and_ctrl_c_checkpoints_and_exits_130(
     tmp_path: Path,
 ) -> None:
     import signal
@@ -148,7 +149,10 @@ def test_a_live_run_is_not_touched_by_a_second_process_and_ctrl_c_exits_130(
     from tests.conftest import clean_env
 
     manifest = _init(tmp_path)
-    args = [*MICRO, "--set", "sft.epochs=10000", "--set", "sft.save_every=2"]
+    # no periodic checkpoint: the only one is the one Ctrl-C asks for
+    args = [*MICRO, "--set", "sft.epochs=10000", "--set", "sft.save_every=100000"]
+    args += ["--set", "sft.log_every=1"]
+    metrics = tmp_path / "runs" / "sft" / "metrics.jsonl"
     latest = tmp_path / "runs" / "sft" / "checkpoints" / "latest"
     proc = subprocess.Popen(
         [sys.executable, "-m", "wprctl", "sft", "-m", str(manifest), *args],
@@ -156,8 +160,8 @@ def test_a_live_run_is_not_touched_by_a_second_process_and_ctrl_c_exits_130(
     )  # fmt: skip
     try:
         deadline = time.time() + 600
-        while not latest.exists() and time.time() < deadline:
-            assert proc.poll() is None
+        while not (metrics.exists() and "train/" in metrics.read_text()):
+            assert proc.poll() is None and time.time() < deadline
             time.sleep(0.05)
         status = json.loads(run_cli("status", "-m", str(manifest), "--json").stdout)
         assert status["stages"][0]["status"] == "running"
@@ -165,18 +169,24 @@ def test_a_live_run_is_not_touched_by_a_second_process_and_ctrl_c_exits_130(
             res = run_cli("sft", "-m", str(manifest), *args, flag, timeout=120)
             assert res.returncode == 2, res.stderr[-2000:]
             assert f"is running now (pid {proc.pid}" in res.stderr and "Traceback" not in res.stderr
-            assert latest.exists()  # --force did not delete the live run's folder
-        assert proc.poll() is None
+            assert metrics.exists()  # --force did not delete the live run's folder
+        assert proc.poll() is None and not latest.exists()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err[-2000:]
-    assert "sft: interrupted" in err and "`wprctl sft --resume` continues" in err
+    said = re.search(r"sft: stopped on SIGINT after step (\d+), with a checkpoint; (.*)", err)
+    assert said and "`wprctl sft --resume` continues" in said[2], err[-2000:]
+    assert "error" not in err and "Traceback" not in err
+    step = int(said[1])
+    assert latest.read_text().strip() == f"step{step}"  # saved where it stopped
+    assert _series(manifest, "step")[-1] == step  # and nothing logged after it
     state = json.loads((tmp_path / "runs" / "sft" / "state.json").read_text())
-    assert (state["status"], state["error"]) == ("failed", "interrupted")
-    step = int(latest.read_text().strip()[4:])
+    assert state["status"] == "stopped" and f"after step {step}" in state["error"]
+    status = json.loads(run_cli("status", "-m", str(manifest), "--json").stdout)
+    assert status["stages"][0]["status"] == "stopped"
 
     def resume(max_steps: int) -> subprocess.CompletedProcess[str]:
         return run_cli(
@@ -203,6 +213,58 @@ def test_a_live_run_is_not_touched_by_a_second_process_and_ctrl_c_exits_130(
     from wprctl.stages import resume_hint
 
     assert "`wprctl ppo --variant ppo-kl --resume`" in resume_hint("ppo", "ppo-kl")
+
+
+def test_sigterm_stops_a_two_process_run_with_every_rank_checkpointed_at_one_step(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM to the command only (what `kill` or a scheduler sends; the ranks run in their own
+    session, as after a Ctrl-C at the terminal): the ranks agree on a step, both save their
+    ZeRO-2 shards there, and a two-process resume continues from it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.conftest import clean_env
+
+    manifest = _init(tmp_path)
+    args = [*MICRO, "--set", "sft.batch_size=4", "--set", "deepspeed.zero_stage=2"]
+    args += ["--set", "sft.save_every=100000", "--set", "sft.log_every=1", "--num-processes", "2"]
+    metrics = tmp_path / "runs" / "sft" / "metrics.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wprctl", "sft", "-m", str(manifest), *args,
+         "--set", "sft.epochs=10000"],
+        env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 600
+        while not (metrics.exists() and "train/" in metrics.read_text()):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        proc_children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    said = re.findall(r"sft: stopped on SIGTERM after step (\d+), with a checkpoint", err)
+    assert len(said) == 1, err[-3000:]  # said once, by the command, not once per rank
+    step = int(said[0])
+    assert "Traceback" not in err
+    ckpt = tmp_path / "runs" / "sft" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == f"step{step}"
+    shards = sorted(p.name for p in (ckpt / "model" / f"step{step}").glob("*optim_states.pt"))
+    assert len(shards) == 2 and "rank_0" in shards[0] and "rank_1" in shards[1], shards
+    assert not [p for p in proc_children if p.is_running() and p.status() != "zombie"]
+    res = run_cli("sft", "-m", str(manifest), *args, "--set", f"sft.max_steps={step + 2}",
+                  "--resume")  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"resumed from step {step}" in res.stdout
+    assert _series(manifest, "step")[-1] == step + 2
 
 
 def test_two_process_zero2_matches_one_process(tmp_path: Path) -> None:

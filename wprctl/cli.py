@@ -11,7 +11,7 @@ import typer
 
 from wprctl import __version__
 from wprctl.commands import COMMAND_MODULES
-from wprctl.errors import WprctlError
+from wprctl.errors import StopRequested, WprctlError
 
 app = typer.Typer(
     name="wprctl",
@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> None:
         code = returned if isinstance(returned, int) else 0
         if code == 130:
             err_console.print("interrupted")
+    except StopRequested as exc:  # asked for, and nothing is lost: not an error
+        if not exc.quiet:
+            err_console.print(escape(str(exc)), soft_wrap=True)
+        code = exc.exit_code
     except WprctlError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         code = exc.exit_code

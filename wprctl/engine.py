@@ -138,11 +138,19 @@ def select_dtype(name: str = "auto") -> torch.dtype:
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few floats over ranks (metrics), in float64 so sums of counts stay exact."""
+    return _all_reduce(values, "sum")
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    return _all_reduce(values, "max")
+
+
+def _all_reduce(values: list[float], op: str) -> list[float]:
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=device())
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.tolist()
 
 

@@ -1,10 +1,13 @@
-"""The two ways a command can fail, and their exit statuses (DESIGN.md: 2 bad input, 1 run failure).
+"""The ways a command can end early, and their exit statuses (DESIGN.md: 2 bad input, 1 run
+failure; 128 + signal for a run stopped on request).
 
 Library code raises these; only `wprctl.cli.main` turns them into a message and an exit status,
 so that no traceback reaches a user for a mistake they can fix.
 """
 
 from __future__ import annotations
+
+import signal
 
 
 class WprctlError(Exception):
@@ -25,3 +28,19 @@ class RunError(WprctlError):
 
 class NotYetImplemented(RunError):
     """A command whose stage is not built yet. It says so instead of pretending to work."""
+
+
+class StopRequested(WprctlError):
+    """A run stopped on request after saving a checkpoint; the exit status is 128 + signal."""
+
+    def __init__(self, signum: int, step: int | None = None, message: str | None = None) -> None:
+        where = f" after step {step}, with a checkpoint" if step is not None else ""
+        super().__init__(message or f"stopped on {signal_name(signum)}{where}")
+        self.signum = signum
+        self.step = step
+        self.exit_code = 128 + signum
+        self.quiet = False
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name

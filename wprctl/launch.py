@@ -9,9 +9,11 @@ The children see WPRCTL_LAUNCHED=1 and run the stage.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+from types import FrameType
 
 from wprctl.console import err_console
 from wprctl.errors import UserError
@@ -62,11 +64,52 @@ def relaunch(
     *,
     hostfile: str | None = None,
     master_port: int | None = None,
-) -> int:
-    """Run `wprctl argv` with N ranks and return the launcher's exit status."""
+) -> tuple[int, int]:
+    """Run `wprctl argv` with N ranks; returns the launcher's exit status and the signal
+    (SIGINT, SIGTERM) this process passed on to the ranks, or 0.
+
+    The launcher runs in a session of its own, so a Ctrl-C at the terminal reaches this process
+    alone, which hands it to the ranks: they stop at the same step with a checkpoint
+    (`wprctl.stopping`). Reaching the launcher's own processes instead, a Ctrl-C would make
+    DeepSpeed's runner exit at once with a traceback while the ranks were still saving.
+    """
     cmd = launcher_command(num_processes, argv, hostfile=hostfile, master_port=master_port)
     env = {**os.environ, LAUNCHED_ENV: "1"}
     env.setdefault("PYTHONUNBUFFERED", "1")
     err_console.print(f"[dim]launching {num_processes} processes with DeepSpeed[/]")
-    proc = subprocess.run(cmd, env=env, check=False)
-    return proc.returncode
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    received = 0
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal received
+        received = received or signum
+        _signal_ranks(proc.pid, signum, remote=hostfile is not None)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code, received
+
+
+def _signal_ranks(runner_pid: int, signum: int, *, remote: bool) -> None:
+    """Pass a stop signal to the ranks: runner -> per-node launcher -> ranks, on this host.
+
+    With a hostfile the ranks are on other hosts, and DeepSpeed's runner has its own handler
+    that stops them there; before the ranks exist, the whole launcher is ended.
+    """
+    import psutil
+
+    try:
+        if remote:
+            os.kill(runner_pid, signum)
+            return
+        ranks = [r for p in psutil.Process(runner_pid).children() for r in p.children()]
+        for r in ranks:
+            r.send_signal(signum)
+        if not ranks:
+            os.killpg(runner_pid, signal.SIGTERM)
+    except (psutil.Error, ProcessLookupError):
+        pass  # it ended meanwhile

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wprctl.console import console, print_table, short_metrics
-from wprctl.errors import UserError
+from wprctl.errors import StopRequested, UserError
 from wprctl.manifest import Manifest, load_manifest
 from wprctl.runs import finish_run, note_input, prepare_run, read_lineage, run_dir
 
@@ -189,8 +189,9 @@ def run_pipeline(
                 ) or {}  # fmt: skip
             else:
                 metrics = _eval_stage(manifest_path, overrides, base, name, kind)
-        except BaseException:
-            outcomes.append(StageOutcome(name, kind, "failed", time.time() - t0, {}, str(run.root)))
+        except BaseException as exc:
+            how = "stopped" if isinstance(exc, StopRequested) else "failed"
+            outcomes.append(StageOutcome(name, kind, how, time.time() - t0, {}, str(run.root)))
             print_summary(outcomes)
             raise
         state = run_dir(base, name, kind).state()
@@ -212,7 +213,7 @@ def print_summary(outcomes: list[StageOutcome]) -> None:
     table = Table(title="wprctl run")
     for col in ("stage", "kind", "status", "time", "key metrics", "output"):
         table.add_column(col, overflow="fold")
-    colors = {"done": "green", "skipped": "dim", "failed": "red"}
+    colors = {"done": "green", "skipped": "dim", "stopped": "yellow", "failed": "red"}
     for o in outcomes:
         shown = {k: v for k, v in o.metrics.items() if not k.endswith("_start")}
         metrics = short_metrics(shown)

@@ -91,7 +91,8 @@ def owner_alive(state: dict[str, Any]) -> bool | None:
 
 
 def run_status(state: dict[str, Any], exists: bool) -> str:
-    """finished | running | interrupted (its process is gone) | failed | empty | absent."""
+    """finished | running | interrupted (its process is gone) | stopped (on request, with a
+    checkpoint) | failed | empty | absent."""
     status = state.get("status")
     if status is None:
         return "empty" if exists else "absent"
@@ -193,7 +194,7 @@ def prepare_run(
             f"{run.root}: stage {name!r} is running now (pid {state.get('pid')} on "
             f"{state.get('host', 'this host')}). Wait for it to finish or stop it first."
         )
-    if status in ("running", "interrupted", "failed", "empty") and not (force or resume):
+    if status in ("running", "interrupted", "stopped", "failed", "empty") and not (force or resume):
         raise UserError(
             f"{run.root}: stage {name!r} has a partial run ({status}). Use --resume to continue "
             "from its last checkpoint or --force to start over."
@@ -330,6 +331,12 @@ def finish_run(
 def fail_run(run: RunDir, message: str) -> None:
     if run.root.exists():
         run.update_state(status="failed", error=message, failed=time.time())
+
+
+def stop_run(run: RunDir, message: str) -> None:
+    """A run that checkpointed and stopped on request (Ctrl-C, SIGTERM): resumable, not failed."""
+    if run.root.exists():
+        run.update_state(status="stopped", error=message, stopped=time.time())
 
 
 def read_lineage(manifest: Manifest) -> dict[str, Any]:

@@ -62,7 +62,13 @@ def status(
     table = Table(title=f"{m.project.name}  ({m.output_dir})")
     for col in ("stage", "kind", "status", "time", "key metrics", "output"):
         table.add_column(col, overflow="fold")
-    colors = {"finished": "green", "running": "yellow", "interrupted": "red", "failed": "red"}
+    colors = {
+        "finished": "green",
+        "running": "yellow",
+        "stopped": "yellow",
+        "interrupted": "red",
+        "failed": "red",
+    }
     for r in rows:
         metrics = short_metrics(r["metrics"])
         out = r["outputs"].get("model") or next(iter(r["outputs"].values()), "") or r["path"]

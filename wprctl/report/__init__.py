@@ -149,11 +149,12 @@ def _missing_lines(report: Report) -> list[str]:
             # a run written on another host, or by an older wprctl, cannot be told apart
             "running": "running" if owner_alive(r.state) else "running or interrupted",
             "interrupted": "interrupted (its process is gone; `--resume` continues it)",
+            "stopped": f"{r.state.get('error', 'stopped')} (`--resume` continues it)",
             "failed": f"failed: {r.state.get('error', 'see its state.json')}",
             "not started": "not started",
             "empty": "folder exists but the stage never started",
         }.get(r.status, r.status)
-        if r.status in ("running", "interrupted", "failed"):
+        if r.status in ("running", "interrupted", "stopped", "failed"):
             what += "; shown from what it logged so far" if r.has_data else "; nothing logged yet"
         lines.append(f"- `{r.name}` ({r.kind}): {what}")
     return lines

@@ -31,6 +31,7 @@ from wprctl.rl.rollout import (
 from wprctl.runs import MetricsLogger, RunDir, finish_run, resolve_model_ref
 from wprctl.scoring import token_logprobs
 from wprctl.stages.supervised import epoch_order, rank_slice, to_device
+from wprctl.stopping import GracefulStop, stop_if_requested
 
 
 @dataclass
@@ -229,28 +230,35 @@ def run_online_loop(
     the held-out metrics before and after.
     """
     logger = MetricsLogger(run, resume_from_step=step if resuming else None)
-    start_eval = run.state().get("start_eval") if resuming else None
-    if start_eval is None:
-        start_eval = evaluate()
-        logger.log(step, start_eval, prefix="eval/")
-        run.update_state(start_eval=start_eval)
-        if is_main_process():
-            console.print(f"{run.name}: held-out before {label}: " + format_metrics(start_eval))
     total = schedule.total
-    with make_progress() as progress:
-        bar = progress.add_task(run.name, total=total, completed=step, info="")
-        while step < total:
-            row = one_step(step)
-            step += 1
-            if step % schedule.log_every == 0 or step == total:
-                logger.log(step, row, prefix="train/")
-            info = f"reward {row.get('reward', math.nan):+.3f} kl {row.get('kl_ref', math.nan):.3f}"
-            info += "".join(f" {k} {row[k]:{f}}" for k, f in _PROGRESS_EXTRAS.items() if k in row)
-            progress.update(bar, completed=step, info=info)
-            if step % schedule.eval_every == 0 and step != total:
-                logger.log(step, evaluate(), prefix="eval/")
-            if step % schedule.save_every == 0 and step != total:
-                save(step)
+    with GracefulStop(announce=is_main_process()) as stop:
+        start_eval = run.state().get("start_eval") if resuming else None
+        if start_eval is None:
+            start_eval = evaluate()
+            logger.log(step, start_eval, prefix="eval/")
+            run.update_state(start_eval=start_eval)
+            if is_main_process():
+                console.print(f"{run.name}: held-out before {label}: " + format_metrics(start_eval))
+        with make_progress() as progress:
+            bar = progress.add_task(run.name, total=total, completed=step, info="")
+            while step < total:
+                row = one_step(step)
+                step += 1
+                if step % schedule.log_every == 0 or step == total:
+                    logger.log(step, row, prefix="train/")
+                info = f"reward {row.get('reward', math.nan):+.3f} kl {row.get('kl_ref', math.nan):.3f}"
+                info += "".join(
+                    f" {k} {row[k]:{f}}" for k, f in _PROGRESS_EXTRAS.items() if k in row
+                )
+                progress.update(bar, completed=step, info=info)
+                if step == total:
+                    break
+                if step % schedule.eval_every == 0:
+                    logger.log(step, evaluate(), prefix="eval/")
+                saved = step % schedule.save_every == 0
+                if saved:
+                    save(step)
+                stop_if_requested(stop, step, saved, save)
     final = evaluate()
     logger.log(step, final, prefix="eval/")
     logger.close()

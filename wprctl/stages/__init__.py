@@ -13,9 +13,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from wprctl.errors import RunError, UserError, WprctlError
+from wprctl.errors import RunError, StopRequested, UserError, WprctlError
 from wprctl.manifest import Manifest, load_manifest
-from wprctl.runs import RunDir, fail_run, prepare_run, run_dir, settle_replaced
+from wprctl.runs import RunDir, fail_run, prepare_run, run_dir, settle_replaced, stop_run
 
 STAGE_MODULES = {
     "sft": "wprctl.stages.sft",
@@ -74,12 +74,21 @@ def execute_stage(
             return _already_finished(run)
         os.environ[PREPARED_ENV] = "1"
         os.environ[RESUMING_ENV] = "1" if resuming else "0"
-        code = relaunch(
+        code, signum = relaunch(
             nproc,
             argv if argv is not None else sys.argv[1:],
             hostfile=manifest.deepspeed.hostfile,
             master_port=manifest.deepspeed.master_port,
         )
+        if code != 0 and signum:
+            state = run.state()
+            if state.get("status") == "stopped":
+                said = f"{state['error']}; {resume_hint(kind, name)}"
+            else:  # stopped before the training loop, or killed while saving
+                fail_run(run, "interrupted")
+                said = f"interrupted; {run.root} keeps what was saved ({resume_hint(kind, name)})"
+            kept = settle_replaced(manifest, run, succeeded=False)
+            raise StopRequested(signum, message=f"{name}: " + (kept or said))
         if code != 0:
             fail_run(run, f"a rank exited with status {code}")
             kept = settle_replaced(manifest, run, succeeded=False)
@@ -126,6 +135,12 @@ def execute_stage(
 
     try:
         metrics = module.run(manifest, run, resuming)
+    except StopRequested as exc:
+        stop_run(run, str(exc))
+        settle(False)
+        stopped = StopRequested(exc.signum, exc.step, f"{name}: {exc}; {resume_hint(kind, name)}")
+        stopped.quiet = not owner  # a rank of a re-launch: its parent says it once
+        raise stopped from None
     except WprctlError as exc:
         fail_run(run, str(exc))
         kept = settle(False)

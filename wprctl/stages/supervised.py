@@ -21,6 +21,7 @@ from wprctl import engine as eng
 from wprctl.console import console, is_main_process, make_progress
 from wprctl.manifest import Manifest, OptimConfig
 from wprctl.runs import MetricsLogger, RunDir, check_resume_step
+from wprctl.stopping import GracefulStop, stop_if_requested
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[Any, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -132,58 +133,64 @@ def run_supervised(
         engine.train()
         return metrics
 
-    if step == 0:
-        first = evaluate()
-        logger.log(0, first, prefix="eval/")
-        if first and is_main_process():
-            console.print(f"{task.name}: before training " + _fmt(first))
-    engine.train()
-    tokens = 0
-    t0 = time.time()
-    window: dict[str, list[float]] = {}
-    last_eval: dict[str, float] = {}
-    with make_progress() as progress:
-        bar = progress.add_task(task.name, total=total, completed=step, info="")
-        while step < total:
-            for _ in range(accum):
-                micro_index = step * accum + _
-                epoch, in_epoch = divmod(micro_index, micro_steps_per_epoch)
-                order = epoch_order(n, seed, epoch)
-                idx = rank_slice(order, in_epoch, micro)
-                batch = to_device(
-                    task.train_data.collate([task.train_data.dataset[j] for j in idx])
-                )
-                loss, metrics = task.loss(engine, batch)
-                engine.backward(loss)
-                engine.step()
-                tokens += sum(
-                    int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask")
-                )
-                for k, v in metrics.items():
-                    window.setdefault(k, []).append(v)
-            step += 1
-            if step % cfg.log_every == 0 or step == total:
-                row = {k: sum(v) / len(v) for k, v in window.items()}
-                row = eng.all_reduce_mean(row)
-                row["lr"] = engine.get_lr()[0]
-                grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    row["grad_norm"] = float(grad_norm)
-                elapsed = max(time.time() - t0, 1e-9)
-                row["tokens_per_s"] = eng.all_reduce_sum([tokens])[0] / elapsed
-                logger.log(step, row, prefix="train/")
-                window.clear()
-                progress.update(
-                    bar, info=f"{task.headline} {row.get(task.headline, float('nan')):.4f}"
-                )
-            if step % cfg.eval_every == 0 and step != total:
-                last_eval = evaluate()
-                logger.log(step, last_eval, prefix="eval/")
-            if step % cfg.save_every == 0 and step != total:
-                eng.save_checkpoint(
-                    {"model": engine}, run.checkpoint_dir, step, {"task": task.name}, cfg.keep_last
-                )
-            progress.update(bar, completed=step)
+    def save(step: int) -> None:
+        eng.save_checkpoint(
+            {"model": engine}, run.checkpoint_dir, step, {"task": task.name}, cfg.keep_last
+        )
+
+    with GracefulStop(announce=is_main_process()) as stop:
+        if step == 0:
+            first = evaluate()
+            logger.log(0, first, prefix="eval/")
+            if first and is_main_process():
+                console.print(f"{task.name}: before training " + _fmt(first))
+        engine.train()
+        tokens = 0
+        t0 = time.time()
+        window: dict[str, list[float]] = {}
+        with make_progress() as progress:
+            bar = progress.add_task(task.name, total=total, completed=step, info="")
+            while step < total:
+                for _ in range(accum):
+                    micro_index = step * accum + _
+                    epoch, in_epoch = divmod(micro_index, micro_steps_per_epoch)
+                    order = epoch_order(n, seed, epoch)
+                    idx = rank_slice(order, in_epoch, micro)
+                    batch = to_device(
+                        task.train_data.collate([task.train_data.dataset[j] for j in idx])
+                    )
+                    loss, metrics = task.loss(engine, batch)
+                    engine.backward(loss)
+                    engine.step()
+                    tokens += sum(
+                        int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask")
+                    )
+                    for k, v in metrics.items():
+                        window.setdefault(k, []).append(v)
+                step += 1
+                if step % cfg.log_every == 0 or step == total:
+                    row = {k: sum(v) / len(v) for k, v in window.items()}
+                    row = eng.all_reduce_mean(row)
+                    row["lr"] = engine.get_lr()[0]
+                    grad_norm = engine.get_global_grad_norm()
+                    if grad_norm is not None:
+                        row["grad_norm"] = float(grad_norm)
+                    elapsed = max(time.time() - t0, 1e-9)
+                    row["tokens_per_s"] = eng.all_reduce_sum([tokens])[0] / elapsed
+                    logger.log(step, row, prefix="train/")
+                    window.clear()
+                    progress.update(
+                        bar, info=f"{task.headline} {row.get(task.headline, float('nan')):.4f}"
+                    )
+                progress.update(bar, completed=step)
+                if step == total:
+                    break
+                if step % cfg.eval_every == 0:
+                    logger.log(step, evaluate(), prefix="eval/")
+                saved = step % cfg.save_every == 0
+                if saved:
+                    save(step)
+                stop_if_requested(stop, step, saved, save)
     last_eval = evaluate()
     logger.log(step, last_eval, prefix="eval/")
     logger.close()

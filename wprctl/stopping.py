@@ -1,0 +1,86 @@
+"""Stopping a training run cleanly: Ctrl-C, or SIGTERM (a scheduler's preemption notice).
+
+The first SIGINT or SIGTERM only asks. The training loop finishes the step it is in, saves a
+checkpoint there, and the command exits 128 + the signal (130, 143), so `--resume` loses nothing.
+A second Ctrl-C stops at once, as Ctrl-C did before. A repeated SIGTERM only repeats the request:
+DeepSpeed's launcher passes a SIGTERM on to every rank and sends SIGKILL 30 s later, and a cluster
+scheduler does the same with its own grace period.
+
+Under DeepSpeed every rank takes part in the checkpoint (ZeRO shards are saved by their owners),
+so the ranks must stop at the same step although the signal reaches them at different moments:
+they agree once per step with a one-number all-reduce.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType, TracebackType
+from typing import Any
+
+from wprctl.errors import StopRequested, signal_name
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class GracefulStop:
+    """Context manager for a training loop: ``requested()`` is the signal to stop on, or 0.
+
+    Outside the ``with`` block, and in threads other than the main one (where Python cannot set
+    handlers), signals behave as they did before.
+    """
+
+    def __init__(self, announce: bool = True) -> None:
+        self.signum = 0
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum:
+            return
+        self.signum = signum
+        if self.announce:
+            # plain stderr: a rich console may be in the middle of drawing the progress bar
+            again = "; Ctrl-C again stops at once" if signum == signal.SIGINT else ""
+            sys.stderr.write(
+                f"\n{signal_name(signum)}: stopping after this step, with a checkpoint{again}\n"
+            )
+            sys.stderr.flush()
+
+    def requested(self) -> int:
+        """The signal any rank received (the same answer on every rank), or 0. Collective."""
+        from wprctl.engine import all_reduce_max
+
+        return int(all_reduce_max([float(self.signum)])[0])
+
+
+def stop_if_requested(
+    stop: GracefulStop, step: int, saved: bool, save: Callable[[int], None]
+) -> None:
+    """At a step boundary: if a stop was asked for, checkpoint at ``step`` (unless ``saved``
+    already did) and raise StopRequested. Every rank must call it at every step."""
+    signum = stop.requested()
+    if signum:
+        if not saved:
+            save(step)
+        raise StopRequested(signum, step)
