@@ -142,6 +142,30 @@ def kill_after_checkpoint(args: list[str], latest: Path, timeout: float = 600) -
     return latest.read_text().strip()
 
 
+def signal_after_first_step(
+    args: list[str], metrics: Path, signum: int, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Start `wprctl ARGS`, send it ``signum`` once `metrics` (a metrics.jsonl) has a training
+    row, and return how it ended."""
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wprctl", *args],
+        env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + timeout
+        while not (metrics.exists() and "train/" in metrics.read_text()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """The project's tiny byte-level BPE (pad/eos/bos), trained on a small demo corpus."""

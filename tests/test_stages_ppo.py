@@ -4,11 +4,13 @@ exact resume after SIGKILL, two processes, and APPS mode with the executor's rew
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from signal import SIGINT
 
 import pytest
 
-from tests.conftest import kill_after_checkpoint, run_cli
+from tests.conftest import kill_after_checkpoint, run_cli, signal_after_first_step
 from wprctl.codeexec.problems import BUILTIN_SAMPLES_PATH
 
 PPO_SHORT = [
@@ -92,6 +94,20 @@ def test_ppo_kill_and_resume_equals_uninterrupted(demo_project: Path, tmp_path: 
     beta_a = [r["train/beta"] for r in last if "train/beta" in r]
     beta_b = [r["train/beta"] for r in again if "train/beta" in r]
     assert beta_b == pytest.approx(beta_a, rel=1e-9) and beta_a[0] != beta_a[-1]
+
+    # Ctrl-C checkpoints where it stops (no periodic checkpoint here), exactly resumable too
+    stopped = _explicit_models(demo_project, tmp_path / "stopped")
+    args = ["ppo", "-m", manifest, *stopped, *steps, "--set", "ppo.save_every=100"]
+    args += ["--set", "ppo.log_every=1"]
+    res = signal_after_first_step(args, tmp_path / "stopped" / "ppo" / "metrics.jsonl", SIGINT)
+    assert res.returncode == 130, res.stderr[-3000:]
+    step = int(re.search(r"ppo: stopped on SIGINT after step (\d+)", res.stderr)[1])
+    assert 0 < step < 6
+    res = run_cli(*args, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from step {step}" in res.stdout
+    c = load_file(tmp_path / "stopped" / "ppo" / "model" / "model.safetensors")
+    assert max(float((a[k] - c[k]).abs().max()) for k in a) <= 1e-6
 
 
 def test_ppo_two_processes(demo_project: Path, tmp_path: Path) -> None:

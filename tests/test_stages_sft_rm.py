@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import kill_after_checkpoint, run_cli
+from tests.conftest import kill_after_checkpoint, run_cli, signal_after_first_step
 
 # A micro project: seconds per stage, enough to exercise every mechanism.
 MICRO = [
@@ -222,35 +222,18 @@ def test_sigterm_stops_a_two_process_run_with_every_rank_checkpointed_at_one_ste
     session, as after a Ctrl-C at the terminal): the ranks agree on a step, both save their
     ZeRO-2 shards there, and a two-process resume continues from it."""
     import signal
-    import subprocess
-    import sys
-    import time
 
     import psutil
-
-    from tests.conftest import clean_env
 
     manifest = _init(tmp_path)
     args = [*MICRO, "--set", "sft.batch_size=4", "--set", "deepspeed.zero_stage=2"]
     args += ["--set", "sft.save_every=100000", "--set", "sft.log_every=1", "--num-processes", "2"]
     metrics = tmp_path / "runs" / "sft" / "metrics.jsonl"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wprctl", "sft", "-m", str(manifest), *args,
-         "--set", "sft.epochs=10000"],
-        env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.time() + 600
-        while not (metrics.exists() and "train/" in metrics.read_text()):
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.05)
-        proc_children = psutil.Process(proc.pid).children(recursive=True)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, err[-3000:]
+    res = signal_after_first_step(
+        ["sft", "-m", str(manifest), *args, "--set", "sft.epochs=10000"], metrics, signal.SIGTERM
+    )
+    err = res.stderr
+    assert res.returncode == 143, err[-3000:]
     said = re.findall(r"sft: stopped on SIGTERM after step (\d+), with a checkpoint", err)
     assert len(said) == 1, err[-3000:]  # said once, by the command, not once per rank
     step = int(said[0])
@@ -259,7 +242,10 @@ def test_sigterm_stops_a_two_process_run_with_every_rank_checkpointed_at_one_ste
     assert (ckpt / "latest").read_text().strip() == f"step{step}"
     shards = sorted(p.name for p in (ckpt / "model" / f"step{step}").glob("*optim_states.pt"))
     assert len(shards) == 2 and "rank_0" in shards[0] and "rank_1" in shards[1], shards
-    assert not [p for p in proc_children if p.is_running() and p.status() != "zombie"]
+    left = [
+        p for p in psutil.process_iter(["cmdline"]) if str(manifest) in (p.info["cmdline"] or [])
+    ]
+    assert not left  # no rank outlives the command
     res = run_cli("sft", "-m", str(manifest), *args, "--set", f"sft.max_steps={step + 2}",
                   "--resume")  # fmt: skip
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
