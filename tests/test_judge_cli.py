@@ -459,3 +459,20 @@ def test_rejected_key_stops_the_run_with_exit_1(tmp_path, server, capsys) -> Non
     assert server.requests < 40  # stopped instead of failing every judgement in turn
     summary = json.loads(summary_path(out).read_text())
     assert summary["stopped"] == "fatal" and summary["judged"] == 0 and summary["pending"] == 20
+
+
+def test_an_endpoint_nobody_listens_on_is_exit_2_at_once(tmp_path, capsys) -> None:
+    from wprctl.judge.server import JudgeServer
+
+    gone = JudgeServer()
+    gone.start()
+    url = gone.base_url
+    gone.stop()
+    a, b = write_files(tmp_path, 20)
+    out = tmp_path / "out.jsonl"
+    code, text = run(judge_args(a, b, out, url, "--concurrency", "2"), capsys)
+    flat = " ".join(text.split())
+    assert code == 2 and f"cannot connect to the judge API at {url}" in flat, flat[-2000:]
+    summary = json.loads(summary_path(out).read_text())
+    assert summary["stopped"] == "fatal" and summary["pending"] == 20
+    assert "cannot connect" in summary["stop_message"]

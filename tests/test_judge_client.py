@@ -17,6 +17,7 @@ from wprctl.judge.client import (
     JudgeClient,
     Outcome,
     RateLimiter,
+    UnreachableAPIError,
     backoff_delay,
     retry_after_seconds,
 )
@@ -149,6 +150,45 @@ def test_bad_request_is_not_retried_and_auth_failure_is_fatal(server: JudgeServe
     with pytest.raises(FatalAPIError) as info:
         ask(server, ["q"])
     assert KEY not in str(info.value)  # a server echoing the key does not leak it
+
+
+def _closed_url() -> str:
+    gone = JudgeServer()
+    gone.start()
+    url = gone.base_url
+    gone.stop()  # nothing listens there now: connections are refused
+    return url
+
+
+def test_an_api_never_reached_is_given_up_after_a_few_refused_connections() -> None:
+    nowhere = type("Nowhere", (), {"base_url": _closed_url()})()
+    with pytest.raises(UnreachableAPIError) as info:
+        ask(nowhere, ["p", "q"], max_retries=6)  # type: ignore[arg-type]
+    assert "Connection" in str(info.value)
+
+
+def test_once_the_api_answered_refused_connections_are_retried_not_fatal() -> None:
+    # "Connection: close": the client cannot reuse a kept-alive connection after the stop
+    server = JudgeServer(lambda m, model: Reply(text="A", headers={"Connection": "close"}))
+    server.start()
+    settings = ClientSettings(
+        base_url=server.base_url, api_key=KEY, timeout=5.0, max_retries=4, backoff_base=0.02
+    )
+
+    async def main() -> tuple[Outcome, Outcome]:
+        client = JudgeClient(settings)
+        try:
+            msg = [{"role": "user", "content": "p"}]
+            kw = {"model": "judge", "temperature": 0.0, "max_tokens": 8, "estimated_tokens": 20}
+            first = await client.complete(msg, **kw)  # type: ignore[arg-type]
+            server.stop()
+            return first, await client.complete(msg, **kw)  # type: ignore[arg-type]
+        finally:
+            await client.close()
+
+    first, second = asyncio.run(main())
+    assert first.ok and not second.ok and second.attempts == 5
+    assert "Connection" in (second.error or "")
 
 
 def test_concurrency_limit(server: JudgeServer) -> None:

@@ -285,6 +285,12 @@ def _judge(
         result = runner.run(progress, extra_summary=extra)
     print_summary(result.summary, f"judge: {file_a.name} (A) vs {file_b.name} (B), {cfg.model}")
     console.print(f"wrote {out} and {summary_path(out)}")
+    if result.fatal and result.unreachable:
+        raise UserError(
+            f"cannot connect to the judge API at {public_url(cfg.base_url) or 'the OpenAI API'} "
+            f"({result.fatal}); stopped without sending the rest. Check judge.base_url (or "
+            f"--base-url) and that the server is running; finished pairs are in {out} and cached."
+        )
     if result.fatal:
         raise RunError(
             f"the judge API rejected the requests: {result.fatal}. Finished pairs are in {out} "

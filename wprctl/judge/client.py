@@ -6,6 +6,9 @@ how long to wait (exponential backoff with jitter, or the server's `Retry-After`
 every other request because a rate limit is shared), and when to give up. Errors that retrying
 cannot fix split in two: a bad request fails that judgement only; a rejected key, a forbidden or
 unknown model is `FatalAPIError`, which stops the run (every further request would fail alike).
+So is an API that no request has ever reached, once connecting has failed `UNREACHABLE_AFTER`
+times (a wrong URL, a server that is not running): retrying every pair would take minutes to say
+the same thing. Once any request has had an answer, dropped connections are retried as usual.
 """
 
 from __future__ import annotations
@@ -21,10 +24,16 @@ from typing import Any
 FATAL_STATUSES = {401, 403, 404}
 RETRY_STATUSES = {408, 409, 429}
 MAX_RETRY_AFTER = 300.0
+# A server still starting may refuse a connection or two.
+UNREACHABLE_AFTER = 3
 
 
 class FatalAPIError(Exception):
     """The API refuses every request (bad key, forbidden, unknown model): stop the run."""
+
+
+class UnreachableAPIError(FatalAPIError):
+    """No request has reached the API, and connecting keeps failing."""
 
 
 @dataclass
@@ -153,6 +162,7 @@ class JudgeClient:
         self._tpm = RateLimiter(settings.tokens_per_minute) if settings.tokens_per_minute else None
         self._rng = random.Random(settings.jitter_seed)
         self._paused_until = 0.0
+        self._reached = False  # has any request had an answer (even an error status)?
         self.stats = ClientStats()
 
     async def close(self) -> None:
@@ -202,8 +212,10 @@ class JudgeClient:
                         max_tokens=max_tokens,
                         **({"seed": seed} if seed is not None else {}),
                     )
+                    self._reached = True
                     return self._read(response, outcome)
                 except self._openai.APIStatusError as exc:
+                    self._reached = True
                     status = exc.status_code
                     message = self._redact(f"HTTP {status}: {exc.message}")
                     if status in FATAL_STATUSES:
@@ -215,6 +227,10 @@ class JudgeClient:
                 except (self._openai.APITimeoutError, self._openai.APIConnectionError) as exc:
                     message = self._redact(f"{type(exc).__name__}: {exc}")
                     retryable, server_wait = True, None
+                    # a timeout may be a slow server; a refused connection is no server at all
+                    refused = not isinstance(exc, self._openai.APITimeoutError)
+                    if refused and not self._reached and attempt + 1 >= UNREACHABLE_AFTER:
+                        raise UnreachableAPIError(message) from None
                 except Exception as exc:  # a body the SDK could not decode
                     message = self._redact(f"malformed response: {type(exc).__name__}: {exc}")
                     retryable, server_wait = True, None

@@ -20,7 +20,14 @@ from typing import Any
 
 from wprctl.judge import stats
 from wprctl.judge.cache import CachedReply, JudgeCache, cache_key
-from wprctl.judge.client import ClientSettings, ClientStats, FatalAPIError, JudgeClient, Outcome
+from wprctl.judge.client import (
+    ClientSettings,
+    ClientStats,
+    FatalAPIError,
+    JudgeClient,
+    Outcome,
+    UnreachableAPIError,
+)
 from wprctl.judge.cost import Spend, cost_usd, estimate_tokens
 from wprctl.judge.io import Pair, read_jsonl, write_json_atomic, write_jsonl_atomic
 from wprctl.judge.parse import parse_verdict
@@ -222,6 +229,7 @@ class RunResult:
     failed: int
     stopped: str | None
     fatal: str | None = None
+    unreachable: bool = False  # fatal because no request ever reached the API
 
 
 @dataclass
@@ -229,6 +237,7 @@ class _State:
     spend: Spend
     stop_reason: str | None = None
     fatal: str | None = None
+    unreachable: bool = False
     cache_hits: int = 0
     reused_pairs: int = 0
     new_rows: list[dict[str, Any]] = field(default_factory=list)
@@ -278,7 +287,8 @@ class Runner:
                 stopping=lambda: st.fatal is not None,
             )
         except FatalAPIError as exc:
-            st.fatal = st.fatal or str(exc)
+            if st.fatal is None:
+                st.fatal, st.unreachable = str(exc), isinstance(exc, UnreachableAPIError)
             st.stop_reason = "fatal"
             return None
         finally:
@@ -365,7 +375,7 @@ class Runner:
         summary = self._summary(rows, st, extra_summary or {})
         write_json_atomic(summary_path(self.out), summary)
         failed = sum(r["status"] == "failed" for r in rows)
-        return RunResult(rows, summary, failed, st.stop_reason, st.fatal)
+        return RunResult(rows, summary, failed, st.stop_reason, st.fatal, st.unreachable)
 
     def _summary(
         self, rows: list[dict[str, Any]], st: _State, extra: dict[str, Any]
@@ -417,6 +427,8 @@ def _stop_message(reason: str | None, st: _State, s: RunSettings) -> str | None:
             f"stopped before exceeding --max-cost ${s.max_cost:g} "
             f"(spent ${st.spend.usd or 0:.4f}); rerun with a higher limit to finish"
         )
+    if reason == "fatal" and st.unreachable:
+        return f"stopped: cannot connect to the API ({st.fatal})"
     if reason == "fatal":
         return f"stopped: the API rejected the requests ({st.fatal})"
     return None
