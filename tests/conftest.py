@@ -143,11 +143,14 @@ def kill_after_checkpoint(args: list[str], latest: Path, timeout: float = 600) -
 
 
 def signal_after_first_step(
-    args: list[str], metrics: Path, signum: int, timeout: float = 600
+    args: list[str], metrics: Path, signum: int, timeout: float = 600, to_a_rank: bool = False
 ) -> subprocess.CompletedProcess[str]:
     """Start `wprctl ARGS`, send it ``signum`` once `metrics` (a metrics.jsonl) has a training
-    row, and return how it ended."""
+    row, and return how it ended. ``to_a_rank``: send it to the last rank of a `--num-processes`
+    run instead (wprctl -> DeepSpeed's runner -> its launcher -> the ranks)."""
     import time
+
+    import psutil
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "wprctl", *args],
@@ -158,7 +161,12 @@ def signal_after_first_step(
         while not (metrics.exists() and "train/" in metrics.read_text()):
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
             time.sleep(0.05)
-        proc.send_signal(signum)
+        if to_a_rank:
+            (runner,) = psutil.Process(proc.pid).children()
+            ranks = [r for p in runner.children() for r in p.children()]
+            ranks[-1].send_signal(signum)
+        else:
+            proc.send_signal(signum)
         out, err = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:

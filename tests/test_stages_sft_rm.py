@@ -253,6 +253,29 @@ def test_sigterm_stops_a_two_process_run_with_every_rank_checkpointed_at_one_ste
     assert _series(manifest, "step")[-1] == step + 2
 
 
+def test_a_rank_killed_by_the_system_is_named_with_its_signal(tmp_path: Path) -> None:
+    """A rank SIGKILLed (what the out-of-memory killer does): the launcher's status 247 is told
+    as the signal, with how to resume."""
+    import signal
+
+    from wprctl.stages import exit_status
+
+    manifest = _init(tmp_path)
+    args = ["sft", "-m", str(manifest), *MICRO, "--set", "sft.batch_size=4"]
+    args += ["--set", "sft.epochs=10000", "--set", "sft.log_every=1", "--num-processes", "2"]
+    metrics = tmp_path / "runs" / "sft" / "metrics.jsonl"
+    res = signal_after_first_step(args, metrics, signal.SIGKILL, to_a_rank=True)
+    flat = " ".join(res.stderr.split())
+    assert res.returncode == 1, flat[-2000:]
+    assert "sft: a process was ended by SIGKILL (out of memory?" in flat, flat[-2000:]
+    assert "`wprctl sft --resume` continues" in flat
+    state = json.loads((tmp_path / "runs" / "sft" / "state.json").read_text())
+    assert state["status"] == "failed" and "SIGKILL" in state["error"]
+    # a plain exit code is not mistaken for a signal
+    assert exit_status(1) == "exited with status 1" and exit_status(255).endswith("status 255")
+    assert "SIGTERM" in exit_status(143) and "SIGSEGV" in exit_status(256 - 11)
+
+
 def test_two_process_zero2_matches_one_process(tmp_path: Path) -> None:
     """Same global batch (8): one process with micro-batch 8 vs two with 4 each, under ZeRO-2.
 

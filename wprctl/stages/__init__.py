@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -47,6 +48,22 @@ def resolve_variant(manifest: Manifest, kind: str, variant: str | None) -> tuple
 def resume_hint(kind: str, name: str) -> str:
     variant = f" --variant {name}" if name != kind else ""
     return f"`wprctl {kind}{variant} --resume` continues from the last checkpoint"
+
+
+# Signals that end a rank, by number; a status that would name another one is an exit code.
+_ENDING_SIGNALS = {s.value: s.name for s in (signal.SIGINT, signal.SIGABRT, signal.SIGBUS,
+                                            signal.SIGKILL, signal.SIGSEGV, signal.SIGTERM)}  # fmt: skip
+
+
+def exit_status(code: int) -> str:
+    """How a rank ended, from the launcher's status. DeepSpeed's launcher exits with the rank's
+    returncode, minus the signal for a killed rank (sys.exit(-9) is status 247); a shell, or a
+    rank that handled the signal itself, reports 128 + the signal."""
+    signum = 256 - code if code >= 192 else code - 128 if code > 128 else 0
+    if signum not in _ENDING_SIGNALS:
+        return f"exited with status {code}"
+    why = " (out of memory? the kernel's OOM killer sends it)" if signum == signal.SIGKILL else ""
+    return f"was ended by {_ENDING_SIGNALS[signum]}{why} (status {code})"
 
 
 def execute_stage(
@@ -90,14 +107,14 @@ def execute_stage(
             kept = settle_replaced(manifest, run, succeeded=False)
             raise StopRequested(signum, message=f"{name}: " + (kept or said))
         if code != 0:
-            fail_run(run, f"a rank exited with status {code}")
+            fail_run(run, f"a rank {exit_status(code)}")
             kept = settle_replaced(manifest, run, succeeded=False)
             if code == 2:  # the ranks said what was wrong with the input; no need to resume
                 raise UserError(
                     f"{name}: bad input (the message above)" + (f"; {kept}" if kept else "")
                 )
             raise RunError(
-                f"{name}: a process exited with status {code}; "
+                f"{name}: a process {exit_status(code)}; "
                 + (kept or f"partial output is in {run.root} ({resume_hint(kind, name)})")
             )
         settle_replaced(manifest, run, succeeded=True)
