@@ -20,12 +20,14 @@ from rich.progress import (
 
 T = TypeVar("T")
 
-console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
-
-
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+# Reports go to stdout from rank 0 only (N ranks would print every line N times); errors and
+# warnings, on stderr, from every rank, since a rank can fail alone.
+console = Console(stderr=False, highlight=False, quiet=not is_main_process())
+err_console = Console(stderr=True, highlight=False)
 
 
 def make_progress(transient: bool = False) -> Progress:

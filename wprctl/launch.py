@@ -51,6 +51,8 @@ def launcher_command(
         "--master_port",
         str(master_port or _free_port()),
         "--no_local_rank",
+        "--log_level",  # its INFO lines (ranks spawned, each command line) drown the run's own
+        "warning",
         "--module",
         "wprctl",
         *argv,
@@ -76,6 +78,8 @@ def relaunch(
     cmd = launcher_command(num_processes, argv, hostfile=hostfile, master_port=master_port)
     env = {**os.environ, LAUNCHED_ENV: "1"}
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if not _has_cuda():  # said, DeepSpeed warns in every process that it found no GPU
+        env.setdefault("DS_ACCELERATOR", "cpu")
     err_console.print(f"[dim]launching {num_processes} processes with DeepSpeed[/]")
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     received = 0
@@ -92,6 +96,12 @@ def relaunch(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code, received
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _signal_ranks(runner_pid: int, signum: int, *, remote: bool) -> None:
