@@ -257,7 +257,7 @@ def test_sigterm_stops_a_two_process_run_with_every_rank_checkpointed_at_one_ste
 
 def test_a_rank_killed_by_the_system_is_named_with_its_signal(tmp_path: Path) -> None:
     """A rank SIGKILLed (what the out-of-memory killer does): the launcher's status 247 is told
-    as the signal, with how to resume."""
+    as the signal, with how to resume, and said once."""
     import signal
 
     from wprctl.stages import exit_status
@@ -269,10 +269,14 @@ def test_a_rank_killed_by_the_system_is_named_with_its_signal(tmp_path: Path) ->
     res = signal_after_first_step(args, metrics, signal.SIGKILL, to_a_rank=True)
     flat = " ".join(res.stderr.split())
     assert res.returncode == 1, flat[-2000:]
-    assert "sft: a process was ended by SIGKILL (out of memory?" in flat, flat[-2000:]
+    # DeepSpeed's launcher reports the first failed rank it polls: the killed one, or rank 0,
+    # whose next collective failed; then the killed rank is the one that said nothing
+    killed = "sft: a process was ended by SIGKILL (out of memory?" in flat
+    assert killed or "rank 1 ended without a message" in flat, flat[-2000:]
     assert "`wprctl sft --resume` continues" in flat
+    assert flat.count("error:") == 1
     state = json.loads((tmp_path / "runs" / "sft" / "state.json").read_text())
-    assert state["status"] == "failed" and "SIGKILL" in state["error"]
+    assert state["status"] == "failed"
     # a plain exit code is not mistaken for a signal
     assert exit_status(1) == "exited with status 1" and exit_status(255).endswith("status 255")
     assert "SIGTERM" in exit_status(143) and "SIGSEGV" in exit_status(256 - 11)
@@ -345,6 +349,7 @@ def test_force_with_bad_input_keeps_the_finished_run(tmp_path: Path) -> None:
         assert res.returncode == 2, res.stderr[-2000:]
         assert "no-such-tokenizer" in res.stderr and "previous run is kept" in res.stderr
         assert "--resume" not in res.stderr and "Traceback" not in res.stderr
+        assert res.stderr.count("error:") == 1, res.stderr  # said once, not once per rank
         assert model.read_bytes() == before  # the finished run it was to replace is intact
         status = json.loads(run_cli("status", "-m", str(manifest), "--json").stdout)
         assert status["stages"][0]["status"] == "finished"

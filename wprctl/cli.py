@@ -79,12 +79,13 @@ def main(argv: list[str] | None = None) -> None:
         code = returned if isinstance(returned, int) else 0
         if code == 130:
             err_console.print("interrupted")
-    except StopRequested as exc:  # asked for, and nothing is lost: not an error
-        if not exc.quiet:
-            err_console.print(escape(str(exc)), soft_wrap=True)
-        code = exc.exit_code
     except WprctlError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        if exc.quiet:  # a rank's message, said once by the command that launched the ranks
+            pass
+        elif isinstance(exc, StopRequested):  # asked for, and nothing is lost: not an error
+            err_console.print(escape(str(exc)), soft_wrap=True)
+        else:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         code = exc.exit_code
     except typer.Exit as exc:
         code = exc.exit_code

@@ -20,6 +20,7 @@ from rich.progress import (
 
 T = TypeVar("T")
 
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 

@@ -12,6 +12,9 @@ import signal
 
 class WprctlError(Exception):
     exit_code = 1
+    # Set on a rank of a multi-process run: it hands its message to the parent, which prints each
+    # distinct message once instead of once per rank.
+    quiet = False
 
 
 class UserError(WprctlError):
@@ -39,7 +42,6 @@ class StopRequested(WprctlError):
         self.signum = signum
         self.step = step
         self.exit_code = 128 + signum
-        self.quiet = False
 
 
 def signal_name(signum: int) -> str:

@@ -51,8 +51,10 @@ def launcher_command(
         "--master_port",
         str(master_port or _free_port()),
         "--no_local_rank",
-        "--log_level",  # its INFO lines (ranks spawned, each command line) drown the run's own
-        "warning",
+        # its log (each rank's command line when spawned, and again as an ERROR when one exits
+        # non-zero) drowns the run's own messages, and wprctl reports a failed rank itself
+        "--log_level",
+        "critical",
         "--module",
         "wprctl",
         *argv,

@@ -25,6 +25,7 @@ STAGE_MODULES = {
     "dar": "wprctl.stages.dar",
 }
 PREPARED_ENV = "WPRCTL_PREPARED"
+RANK_ERROR_PREFIX = ".error.rank"
 RESUMING_ENV = "WPRCTL_RESUMING"
 
 
@@ -107,14 +108,18 @@ def execute_stage(
             kept = settle_replaced(manifest, run, succeeded=False)
             raise StopRequested(signum, message=f"{name}: " + (kept or said))
         if code != 0:
-            fail_run(run, f"a rank {exit_status(code)}")
+            said, silent = _rank_errors(run, nproc)
+            how = f"a process {exit_status(code)}"
+            fail_run(run, said or how)
             kept = settle_replaced(manifest, run, succeeded=False)
             if code == 2:  # the ranks said what was wrong with the input; no need to resume
-                raise UserError(
-                    f"{name}: bad input (the message above)" + (f"; {kept}" if kept else "")
-                )
+                raise UserError((said or f"{name}: bad input") + (f"\n{kept}" if kept else ""))
+            if said and silent:  # the others' errors may only follow from losing these ranks
+                said += f"\nrank {', '.join(map(str, silent))} ended without a message"
+            if said and not how.startswith("a process was ended by"):
+                raise RunError(said + (f"\n{kept}" if kept else ""))
             raise RunError(
-                f"{name}: a process {exit_status(code)}; "
+                f"{name}: {how}; "
                 + (kept or f"partial output is in {run.root} ({resume_hint(kind, name)})")
             )
         settle_replaced(manifest, run, succeeded=True)
@@ -150,20 +155,29 @@ def execute_stage(
     def settle(succeeded: bool) -> str | None:
         return settle_replaced(manifest, run, succeeded=succeeded) if owner else None
 
+    rank = int(os.environ.get("RANK", "0"))
+
+    def for_parent(exc: WprctlError) -> WprctlError:
+        """A rank of a re-launch leaves its message to the parent, which says it once."""
+        if not owner and run.root.exists():
+            (run.root / f"{RANK_ERROR_PREFIX}{rank}").write_text(str(exc), encoding="utf-8")
+            exc.quiet = True
+        return exc
+
     try:
         metrics = module.run(manifest, run, resuming)
     except StopRequested as exc:
         stop_run(run, str(exc))
         settle(False)
         stopped = StopRequested(exc.signum, exc.step, f"{name}: {exc}; {resume_hint(kind, name)}")
-        stopped.quiet = not owner  # a rank of a re-launch: its parent says it once
+        stopped.quiet = not owner  # the parent says it, from state.json
         raise stopped from None
     except WprctlError as exc:
         fail_run(run, str(exc))
         kept = settle(False)
         if kept:
             err_console.print(f"note: {kept}")
-        raise
+        raise for_parent(exc) from None
     except KeyboardInterrupt:
         fail_run(run, "interrupted")
         kept = settle(False)
@@ -175,15 +189,33 @@ def execute_stage(
     except Exception as exc:
         fail_run(run, f"{type(exc).__name__}: {exc}")
         kept = settle(False)
-        log = run.root / "error.log"
+        log = run.root / ("error.log" if rank == 0 else f"error.rank{rank}.log")
         if run.root.exists():
             log.write_text(traceback.format_exc(), encoding="utf-8")
-        raise RunError(
-            f"{name} failed: {type(exc).__name__}: {exc}\n  traceback: {log}\n  "
-            + (kept or f"partial output: {run.root} ({resume_hint(kind, name)})")
+        raise for_parent(
+            RunError(
+                f"{name} failed: {type(exc).__name__}: {exc}\n  traceback: {log}\n  "
+                + (kept or f"partial output: {run.root} ({resume_hint(kind, name)})")
+            )
         ) from exc
     settle(True)
     return metrics
+
+
+def _rank_errors(run: RunDir, nproc: int) -> tuple[str, list[int]]:
+    """The ranks' error messages (see ``for_parent``), each distinct one once, and the ranks
+    that left none (killed, most likely); the files go."""
+    said: dict[str, list[int]] = {}
+    for rank in range(nproc):
+        path = run.root / f"{RANK_ERROR_PREFIX}{rank}"
+        if path.exists():
+            said.setdefault(path.read_text(encoding="utf-8"), []).append(rank)
+            path.unlink()
+    silent = [r for r in range(nproc) if not any(r in ranks for ranks in said.values())]
+    if len(said) == 1:
+        return next(iter(said)), silent
+    text = "\n".join(f"rank {', '.join(map(str, r))}: {t}" for t, r in said.items())
+    return text, silent
 
 
 def _already_finished(run: RunDir) -> dict[str, float]:
