@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wprctl_in_process
+from tests.conftest import wprctl_captured, wprctl_in_process
 from wprctl.codeexec import load_problems
 from wprctl.errors import UserError
 
@@ -194,3 +194,67 @@ def test_evaluate_module_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert out["pass@1"] == pytest.approx(0.5) and out["pass@2"] == pytest.approx(1.0)
     assert out["test_case_average"] == pytest.approx(((1 + 0.5) / 2 + (1 + 0.5) / 2) / 2)
     assert out["results"][1] == ["pass", "fail"]
+
+
+def test_a_killed_apps_eval_resumes_without_running_finished_samples_again(
+    tmp_path: Path, small: Path, capsys
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import clean_env
+
+    problems = load_problems(small)
+    slow = "import time\ntime.sleep(0.4)\nprint('x')"
+    gens = [
+        {"id": pid, "sample": s, "response": problems[pid].solutions[0] if s == 0 else slow}
+        for pid in ("1", "2")
+        for s in range(4)
+    ]
+    gen_file = write_jsonl(tmp_path / "gens.jsonl", gens)
+    common = ["apps-eval", str(gen_file), "--problems", str(small), "--workers", "1"]
+    out = tmp_path / "out.jsonl"
+    partial = tmp_path / "out.jsonl.partial.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wprctl", *common, "--out", str(out)],
+        env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not (partial.exists() and partial.read_text().count("\n") >= 3):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not out.exists()
+    finished = partial.read_text().count("\n")
+    assert 3 <= finished < len(gens)
+    saved = partial.read_text()
+
+    code, text = wprctl_captured(capsys, *common, "--out", str(out))
+    assert code == 0, text
+    assert f"{finished} of {len(gens)} samples already evaluated" in " ".join(text.split())
+    assert not partial.exists()
+    summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
+    assert summary["reused_samples"] == finished
+
+    # the same verdicts as a run that was never interrupted
+    straight = tmp_path / "straight.jsonl"
+    assert wprctl_captured(capsys, *common, "--out", str(straight))[0] == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    again = [json.loads(x) for x in straight.read_text().splitlines()]
+    key = ("id", "sample", "verdicts", "reward")
+    assert [[r[k] for k in key] for r in rows] == [[r[k] for k in key] for r in again]
+    assert sum(r["all_passed"] for r in rows) == 2
+
+    # a changed setting is a different evaluation: nothing is reused
+    partial.write_text(saved + '{"key": "torn by a ki')
+    code, text = wprctl_captured(capsys, *common, "--timeout", "3", "--out", str(out))
+    assert code == 0 and "already evaluated" not in text
+    # with the settings of the killed run its results count again; the torn line does not
+    partial.write_text(saved + '{"key": "torn by a ki')
+    code, text = wprctl_captured(capsys, *common, "--out", str(out))
+    assert code == 0 and f"{finished} of {len(gens)} samples already" in " ".join(text.split())

@@ -12,7 +12,7 @@ import contextlib
 import os
 import queue
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -240,11 +240,15 @@ def evaluate_samples(
     sample_indices: Sequence[int] | None = None,
     extract: bool = True,
     hide: Iterable[str] = (),
+    done: dict[int, SampleResult] | None = None,
+    on_result: Callable[[int, SampleResult], None] | None = None,
 ) -> list[SampleResult]:
     """Run every (problem_id, completion) against its problem's tests; results in input order.
 
     `sample_indices` gives each row's sample number (default: its rank among rows of the same
-    problem). With `extract`, the program is pulled out of the completion (see extract.py)."""
+    problem). With `extract`, the program is pulled out of the completion (see extract.py).
+    `done` holds rows already evaluated (by row index), which are not run again; `on_result(j,
+    result)` is called, from a worker thread, as row j finishes."""
     config = config or (pool.config if pool else ExecConfig())
     samples = [(str(pid), text) for pid, text in samples]
     check_samples(problems, (pid for pid, _ in samples))
@@ -261,6 +265,9 @@ def evaluate_samples(
     own = pool is None
     pool = pool or ExecPool(config, hide)
     results: list[SampleResult | None] = [None] * len(samples)
+    for j, res in (done or {}).items():
+        results[j] = res
+    todo = [j for j in range(len(samples)) if results[j] is None]
     try:
         bar = None
         if progress:
@@ -268,19 +275,23 @@ def evaluate_samples(
 
             bar = make_progress()
             bar.start()
-            task = bar.add_task("apps-eval", total=len(samples), info="")
-        n_pass = 0
+            task = bar.add_task(
+                "apps-eval", total=len(samples), completed=len(samples) - len(todo), info=""
+            )
+        n_pass = sum(r.all_passed for r in results if r is not None)
 
         def work(j: int) -> None:
             nonlocal n_pass
             pid = samples[j][0]
             results[j] = r = pool.run(problems[pid], codes[j], int(sample_indices[j]))
+            if on_result is not None:
+                on_result(j, r)
             if bar is not None:
                 n_pass += r.all_passed
                 bar.update(task, advance=1, info=f"all tests pass: {n_pass}")
 
         with ThreadPoolExecutor(max_workers=pool.size) as ex:
-            futures = [ex.submit(work, j) for j in range(len(samples))]
+            futures = [ex.submit(work, j) for j in todo]
             try:
                 for fut in futures:
                     fut.result()

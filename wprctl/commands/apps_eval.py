@@ -51,6 +51,9 @@ def apps_eval(
 ) -> None:
     """Run generated programs against APPS tests (sandboxed) and report pass@k."""
     from wprctl.codeexec import ExecConfig, evaluate_samples, load_problems, summarize
+    from wprctl.codeexec.executor import check_samples
+    from wprctl.codeexec.partial import PartialResults, fingerprint
+    from wprctl.console import console
 
     apps = _apps_section(manifest, overrides)
     ks = _parse_k(k) if k is not None else list(apps.k)
@@ -73,6 +76,16 @@ def apps_eval(
         hide.append(
             str(Path(source).resolve().parent if Path(source).is_file() else Path(source).resolve())
         )
+    check_samples(problem_set, (pid for pid, _ in samples))
+    partial = PartialResults(out)
+    keys = [fingerprint(problem_set[r["id"]], r["sample"], r["response"], config) for r in rows]
+    earlier = partial.load()
+    done = {j: earlier[key] for j, key in enumerate(keys) if key in earlier}
+    if done:
+        console.print(
+            f"apps-eval: {len(done)} of {len(rows)} samples already evaluated by an interrupted "
+            f"run ({partial.path}); running the other {len(rows) - len(done)}"
+        )
     t0 = time.monotonic()
     results = evaluate_samples(
         problem_set,
@@ -81,6 +94,8 @@ def apps_eval(
         progress=True,
         sample_indices=[r["sample"] for r in rows],
         hide=hide,
+        done=done,
+        on_result=lambda j, res: partial.append(keys[j], res),
     )
     elapsed = time.monotonic() - t0
     from wprctl.codeexec.sandbox import probe_isolation
@@ -91,8 +106,9 @@ def apps_eval(
         mode=config.mode,
         timeout=config.timeout,
         sandbox=probe_isolation(config.sandbox).describe(),
-        elapsed_s=round(elapsed, 3),
-        samples_per_s=round(len(results) / elapsed, 2) if elapsed > 0 else None,
+        elapsed_s=round(elapsed, 3),  # this run's; reused results took their time before
+        samples_per_s=round((len(results) - len(done)) / elapsed, 2) if elapsed > 0 else None,
+        reused_samples=len(done),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as fh:
@@ -106,9 +122,8 @@ def apps_eval(
             fh.write(json.dumps({**d, **extra}) + "\n")
     summary_path = out.with_name(out.name + ".summary.json")
     summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    partial.remove()
     print_summary(summary, ks)
-    from wprctl.console import console
-
     console.print(f"wrote {out} and {summary_path}")
 
 
