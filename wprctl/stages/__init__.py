@@ -190,6 +190,8 @@ def execute_stage(
         fail_run(run, f"{type(exc).__name__}: {exc}")
         kept = settle(False)
         log = run.root / ("error.log" if rank == 0 else f"error.rank{rank}.log")
+        if kept:  # the folder is the previous run's again, which did not fail
+            log = log.with_name("forced-run-" + log.name)
         if run.root.exists():
             log.write_text(traceback.format_exc(), encoding="utf-8")
         raise for_parent(
