@@ -18,7 +18,7 @@ import sys
 import threading
 from collections.abc import Callable
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from wprctl.errors import StopRequested, signal_name
 
@@ -84,3 +84,29 @@ def stop_if_requested(
         if not saved:
             save(step)
         raise StopRequested(signum, step)
+
+
+class Schedule(Protocol):
+    eval_every: int
+    save_every: int
+
+
+def end_of_step(
+    step: int,
+    total: int,
+    schedule: Schedule,
+    log_eval: Callable[[int], None],
+    save: Callable[[int], None],
+    stop: GracefulStop,
+) -> None:
+    """What a training loop does after step ``step``: the held-out evaluation and the checkpoint
+    when they are due, then a stop if one was asked for. Nothing after the last step, which the
+    caller finishes (final evaluation, export)."""
+    if step == total:
+        return
+    if step % schedule.eval_every == 0:
+        log_eval(step)
+    saved = step % schedule.save_every == 0
+    if saved:
+        save(step)
+    stop_if_requested(stop, step, saved, save)

@@ -31,7 +31,7 @@ from wprctl.rl.rollout import (
 from wprctl.runs import MetricsLogger, RunDir, finish_run, resolve_model_ref
 from wprctl.scoring import token_logprobs
 from wprctl.stages.supervised import epoch_order, rank_slice, to_device
-from wprctl.stopping import GracefulStop, stop_if_requested
+from wprctl.stopping import GracefulStop, end_of_step
 
 
 @dataclass
@@ -251,14 +251,14 @@ def run_online_loop(
                     f" {k} {row[k]:{f}}" for k, f in _PROGRESS_EXTRAS.items() if k in row
                 )
                 progress.update(bar, completed=step, info=info)
-                if step == total:
-                    break
-                if step % schedule.eval_every == 0:
-                    logger.log(step, evaluate(), prefix="eval/")
-                saved = step % schedule.save_every == 0
-                if saved:
-                    save(step)
-                stop_if_requested(stop, step, saved, save)
+                end_of_step(
+                    step,
+                    total,
+                    schedule,
+                    lambda s: logger.log(s, evaluate(), prefix="eval/"),
+                    save,
+                    stop,
+                )
     final = evaluate()
     logger.log(step, final, prefix="eval/")
     logger.close()

@@ -21,7 +21,7 @@ from wprctl import engine as eng
 from wprctl.console import console, is_main_process, make_progress
 from wprctl.manifest import Manifest, OptimConfig
 from wprctl.runs import MetricsLogger, RunDir, check_resume_step
-from wprctl.stopping import GracefulStop, stop_if_requested
+from wprctl.stopping import GracefulStop, end_of_step
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[Any, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -183,14 +183,14 @@ def run_supervised(
                         bar, info=f"{task.headline} {row.get(task.headline, float('nan')):.4f}"
                     )
                 progress.update(bar, completed=step)
-                if step == total:
-                    break
-                if step % cfg.eval_every == 0:
-                    logger.log(step, evaluate(), prefix="eval/")
-                saved = step % cfg.save_every == 0
-                if saved:
-                    save(step)
-                stop_if_requested(stop, step, saved, save)
+                end_of_step(
+                    step,
+                    total,
+                    cfg,
+                    lambda s: logger.log(s, evaluate(), prefix="eval/"),
+                    save,
+                    stop,
+                )
     last_eval = evaluate()
     logger.log(step, last_eval, prefix="eval/")
     logger.close()
