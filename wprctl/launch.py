@@ -88,10 +88,13 @@ def relaunch(
 
     def forward(signum: int, frame: FrameType | None) -> None:
         nonlocal received
+        # a closed terminal or a dropped ssh session no longer reaches the ranks' own session
+        signum = signal.SIGTERM if signum == signal.SIGHUP else signum
         received = received or signum
         _signal_ranks(proc.pid, signum, remote=hostfile is not None)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in stops}
     try:
         code = proc.wait()
     finally:
