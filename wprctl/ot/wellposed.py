@@ -151,6 +151,13 @@ std. What was measured about it (k2 = 64, mean error in std units):
   0.28 (today 0.52, 0.38, 0.31, 0.26); with direction-specific kernels weighted by the tail's
   excess next to each slot, 0.46, 0.39, 0.33, 0.27; the split dust with the soft-min per-slot
   costs above, 0.42, 0.36, 0.25, 0.54.
+* Coarse-graining the tail by embedding clusters does not reach it either, even with the best
+  lumped kernel (k-means clusters of the vocabulary, each cluster's tail tokens one node; the
+  kernel between nodes summed exactly over the graph edges they contain, each tail token weighted
+  by the near-identity profile sqrt of its mass; per position, so O(V k1) work PPO cannot spend).
+  With 1, 16, 64 and 128 clusters: n2000_cos 0.42, 0.36, 0.39, 0.36; n2000_l2 0.37, 0.35, 0.29,
+  0.25; n512_l2 0.25, 0.17, 0.12, 0.06; n512_cos 0.56, 0.35, 0.12, 0.07. Only with about one
+  cluster per four tokens do the 512-token cases come under 0.1; the 2000-token ones do not.
 * Dropping the tail instead of lumping it (its tokens removed, both sides renormalized, no dust)
   shows how much of it counts. On n2000_cos, keeping the 1900 tokens of largest max(a, b) gives
   0.02, keeping 1500 (0.26% of the policy's mass dropped) 0.28, keeping 1000 1.06; on the batch
