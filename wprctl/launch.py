@@ -15,7 +15,7 @@ import subprocess
 import sys
 from types import FrameType
 
-from wprctl.console import err_console
+from wprctl.console import err_console, quiet_library_warnings
 from wprctl.errors import UserError
 
 LAUNCHED_ENV = "WPRCTL_LAUNCHED"
@@ -78,10 +78,11 @@ def relaunch(
     DeepSpeed's runner exit at once with a traceback while the ranks were still saving.
     """
     cmd = launcher_command(num_processes, argv, hostfile=hostfile, master_port=master_port)
+    # its choice of DS_ACCELERATOR must reach DeepSpeed's runner and launcher too, or each of
+    # them warns on import that it found no GPU
+    quiet_library_warnings()
     env = {**os.environ, LAUNCHED_ENV: "1"}
     env.setdefault("PYTHONUNBUFFERED", "1")
-    if not _has_cuda():  # said, DeepSpeed warns in every process that it found no GPU
-        env.setdefault("DS_ACCELERATOR", "cpu")
     err_console.print(f"[dim]launching {num_processes} processes with DeepSpeed[/]")
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     received = 0
@@ -101,12 +102,6 @@ def relaunch(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code, received
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def _signal_ranks(runner_pid: int, signum: int, *, remote: bool) -> None:
