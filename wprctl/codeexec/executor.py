@@ -72,6 +72,19 @@ class SampleResult:
         )
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SampleResult:
+        """The inverse of ``to_dict`` (its derived fields are recomputed)."""
+        return cls(
+            problem_id=str(d["id"]),
+            sample=int(d["sample"]),
+            verdicts=list(d["verdicts"]),
+            times=list(d["times"]),
+            errors=list(d["errors"]),
+            difficulty=str(d["difficulty"]),
+            reward=float(d["reward"]),
+        )
+
 
 def sample_reward(verdicts: Sequence[str]) -> float:
     """The paper's per-sample reward: -1.0 on a compile error, -0.6 on a runtime error (a timeout

@@ -14,7 +14,6 @@ import json
 import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from wprctl.codeexec.config import ExecConfig
 from wprctl.codeexec.executor import SampleResult
@@ -31,18 +30,6 @@ def fingerprint(problem: Problem, sample: int, completion: str, config: ExecConf
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def result_from_dict(d: dict[str, Any]) -> SampleResult:
-    return SampleResult(
-        problem_id=str(d["id"]),
-        sample=int(d["sample"]),
-        verdicts=list(d["verdicts"]),
-        times=list(d["times"]),
-        errors=list(d["errors"]),
-        difficulty=str(d["difficulty"]),
-        reward=float(d["reward"]),
-    )
-
-
 class PartialResults:
     def __init__(self, out: Path) -> None:
         self.path = out.with_name(out.name + ".partial.jsonl")
@@ -55,7 +42,7 @@ class PartialResults:
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 entry = json.loads(line)
-                found[entry["key"]] = result_from_dict(entry["result"])
+                found[entry["key"]] = SampleResult.from_dict(entry["result"])
             except (ValueError, KeyError, TypeError):
                 continue
         return found

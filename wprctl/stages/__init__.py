@@ -56,12 +56,18 @@ _ENDING_SIGNALS = {s.value: s.name for s in (signal.SIGINT, signal.SIGABRT, sign
                                             signal.SIGKILL, signal.SIGSEGV, signal.SIGTERM)}  # fmt: skip
 
 
-def exit_status(code: int) -> str:
-    """How a rank ended, from the launcher's status. DeepSpeed's launcher exits with the rank's
-    returncode, minus the signal for a killed rank (sys.exit(-9) is status 247); a shell, or a
-    rank that handled the signal itself, reports 128 + the signal."""
+def ending_signal(code: int) -> int | None:
+    """The signal that ended a rank, from the launcher's status, if one did. DeepSpeed's launcher
+    exits with the rank's returncode, minus the signal for a killed rank (sys.exit(-9) is status
+    247); a shell, or a rank that handled the signal itself, reports 128 + the signal."""
     signum = 256 - code if code >= 192 else code - 128 if code > 128 else 0
-    if signum not in _ENDING_SIGNALS:
+    return signum if signum in _ENDING_SIGNALS else None
+
+
+def exit_status(code: int) -> str:
+    """How a rank ended, for a message."""
+    signum = ending_signal(code)
+    if signum is None:
         return f"exited with status {code}"
     why = " (out of memory? the kernel's OOM killer sends it)" if signum == signal.SIGKILL else ""
     return f"was ended by {_ENDING_SIGNALS[signum]}{why} (status {code})"
@@ -116,7 +122,7 @@ def execute_stage(
                 raise UserError((said or f"{name}: bad input") + (f"\n{kept}" if kept else ""))
             if said and silent:  # the others' errors may only follow from losing these ranks
                 said += f"\nrank {', '.join(map(str, silent))} ended without a message"
-            if said and not how.startswith("a process was ended by"):
+            if said and ending_signal(code) is None:
                 raise RunError(said + (f"\n{kept}" if kept else ""))
             raise RunError(
                 f"{name}: {how}; "
