@@ -258,3 +258,28 @@ def test_a_killed_apps_eval_resumes_without_running_finished_samples_again(
     partial.write_text(saved + '{"key": "torn by a ki')
     code, text = wprctl_captured(capsys, *common, "--out", str(out))
     assert code == 0 and f"{finished} of {len(gens)} samples already" in " ".join(text.split())
+
+
+def test_an_unreadable_partial_file_is_bad_input_and_a_torn_character_only_loses_its_line(
+    tmp_path: Path, small: Path, capsys
+) -> None:
+    from wprctl.codeexec.executor import SampleResult
+    from wprctl.codeexec.partial import PartialResults
+
+    out = tmp_path / "out.jsonl"
+    store = PartialResults(out)
+    res = SampleResult("1", 0, ["pass"], [0.1], [""], "interview", 1.0)
+    store.append("k1", res)
+    with store.path.open("ab") as fh:
+        fh.write(b'{"key": "k2", "result": {"id": "\xe2\x82')  # killed inside a UTF-8 character
+    assert store.load() == {"k1": res}
+
+    store.path.unlink()
+    store.path.mkdir()  # e.g. a path clash; permissions are not testable as root
+    gens = write_jsonl(tmp_path / "gens.jsonl", [{"id": "1", "sample": 0, "response": "print(1)"}])
+    code, text = wprctl_captured(
+        capsys, "apps-eval", str(gens), "--problems", str(small), "--out", str(out)
+    )
+    flat = " ".join(text.split())
+    assert code == 2 and str(store.path) in flat and "delete it" in flat, text
+    assert "Traceback" not in text and not out.exists()

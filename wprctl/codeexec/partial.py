@@ -18,6 +18,7 @@ from pathlib import Path
 from wprctl.codeexec.config import ExecConfig
 from wprctl.codeexec.executor import SampleResult
 from wprctl.codeexec.problems import Problem
+from wprctl.errors import UserError
 
 # Settings that cannot change a verdict; a rerun with more workers still reuses results.
 _NOT_VERDICT = ("workers",)
@@ -39,7 +40,15 @@ class PartialResults:
         found: dict[str, SampleResult] = {}
         if not self.path.exists():
             return found
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise UserError(
+                f"{self.path}: cannot read an interrupted run's results ({exc.strerror or exc}); "
+                "fix its permissions, or delete it to evaluate every sample again"
+            ) from None
+        # Bytes, not text: a kill can tear a multi-byte character, and only that line is lost.
+        for line in data.splitlines():
             try:
                 entry = json.loads(line)
                 found[entry["key"]] = SampleResult.from_dict(entry["result"])
