@@ -89,3 +89,22 @@ def test_save_load_continue_equals_never_stopping(tiny_model_dir: Path, tmp_path
     wb = load_file(resumed.with_suffix(".model") / "model.safetensors")
     assert wa.keys() == wb.keys()
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
+
+
+def test_deepspeed_is_told_cpu_only_where_it_has_no_accelerator_to_find(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No CUDA here: "cpu" (silences DeepSpeed's guess). With a package that gives DeepSpeed an
+    accelerator of another kind (here an Ascend NPU's torch_npu), wprctl leaves it to detect."""
+    import torch
+
+    from wprctl.console import _default_ds_accelerator
+
+    if torch.cuda.is_available():
+        assert _default_ds_accelerator() == ""
+        return
+    assert _default_ds_accelerator() == "cpu"
+    (tmp_path / "torch_npu").mkdir()
+    (tmp_path / "torch_npu" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _default_ds_accelerator() == ""

@@ -123,12 +123,33 @@ def quiet_library_warnings() -> None:
         pass
 
 
+# Packages whose presence makes DeepSpeed pick a non-CUDA accelerator (its own detection order).
+_DS_ACCELERATOR_PACKAGES = (
+    "torch_npu",
+    "torch_sdaa",
+    "habana_frameworks",
+    "torch_mlu",
+    "torch_supa",
+    "torch_xmlir",
+)
+
+
 def _default_ds_accelerator() -> str:
-    # DeepSpeed guesses the accelerator and logs a warning on every import when there is no GPU;
-    # deciding here keeps the console clean and makes the CPU choice explicit.
+    """ "cpu" when this machine has no accelerator DeepSpeed could use, else "" (let it detect).
+
+    DeepSpeed guesses the accelerator and logs a warning on every import when there is none;
+    deciding here keeps the console clean and makes the CPU choice explicit. Anything else it
+    knows is left to its own detection, which a forced "cpu" would override."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(name) for name in _DS_ACCELERATOR_PACKAGES):
+        return ""
     try:
         import torch
-
-        return "" if torch.cuda.is_available() else "cpu"
     except ImportError:  # pragma: no cover
         return ""
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    if torch.cuda.is_available() or (xpu is not None and xpu.is_available()):
+        return ""
+    return "" if mps is not None and mps.is_available() else "cpu"
