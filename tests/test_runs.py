@@ -89,3 +89,36 @@ def test_a_run_whose_input_was_redone_reads_as_stale(tmp_path: Path) -> None:
     finish("rm", force=True, reads="sft")
     assert stale_inputs(read_lineage(manifest), "rm") == []
     assert stale_inputs(read_lineage(manifest), "ppo") == ["rm"]  # it read the old rm
+
+    # `wprctl status` and the report agree, also on a run known from the lineage alone
+    (manifest.output_dir / "ppo" / "state.json").unlink()
+    (manifest.output_dir / "stray").mkdir()  # a folder that is no stage's
+    said = {r["name"]: (r["status"], r["stale_inputs"]) for r in stage_status(manifest)}
+    seen = {r.name: (r.status, r.stale_inputs) for r in collect_runs(manifest)}
+    assert said == seen and said["ppo"] == ("finished", ["rm"]) and "stray" not in said
+
+
+def test_a_force_run_killed_before_its_first_checkpoint_does_not_cost_the_run_it_replaced(
+    tmp_path: Path,
+) -> None:
+    """--force sets the finished run aside until the new one can stand in for it. When the new
+    one is SIGKILLed before that, a second --force still falls back to the finished run, not to
+    the killed attempt, if it too fails."""
+    from wprctl.runs import settle_replaced
+
+    manifest = load_manifest(_project(tmp_path / "p"))
+    run, _ = prepare_run(manifest, "sft", "sft", resume=False, force=False)
+    run.model_dir.mkdir()
+    (run.model_dir / "weights").write_text("finished")
+    finish_run(manifest, run, {"model": str(run.model_dir)}, {"loss": 1.0})
+
+    prepare_run(manifest, "sft", "sft", resume=False, force=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    run.update_state(pid=dead.pid)  # SIGKILLed: its process is gone, nothing settled
+    assert run.status == "interrupted" and run.replaced_dir.exists()
+
+    run, _ = prepare_run(manifest, "sft", "sft", resume=False, force=True)
+    assert settle_replaced(manifest, run, succeeded=False)  # e.g. bad input in the new run
+    assert run.status == "finished" and (run.model_dir / "weights").read_text() == "finished"
+    assert not run.replaced_dir.exists()

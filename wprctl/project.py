@@ -9,7 +9,7 @@ from typing import Any
 import wprctl
 from wprctl.errors import UserError
 from wprctl.manifest import Manifest, load_manifest
-from wprctl.runs import read_lineage, run_dir, run_status, stale_inputs
+from wprctl.runs import project_runs
 
 TEMPLATES = ("demo", "tldr", "hh-rlhf", "apps")
 
@@ -48,30 +48,23 @@ def init_project(directory: Path, template: str, force: bool) -> Path:
 
 
 def stage_status(manifest: Manifest) -> list[dict[str, Any]]:
-    """One row per stage or variant named in `stages` (and any other run found on disk)."""
-    lineage = read_lineage(manifest)
-    names = list(dict.fromkeys([*manifest.stages, *lineage]))
+    """One row per stage or variant named in `stages`, in the lineage or with a run folder."""
     rows = []
-    for name in names:
-        variant = manifest.variant(name)
-        kind = variant.stage if variant else name
-        run = run_dir(manifest, name, kind)
-        state = run.state()
-        status = run_status(state, run.root.exists()).replace("absent", "not started")
-        started, finished = state.get("started"), state.get("finished")
+    for r in project_runs(manifest):
+        started, finished = r.state.get("started"), r.state.get("finished")
         rows.append(
             {
-                "name": name,
-                "stage": kind,
-                "status": status,
-                "outputs": state.get("outputs", {}),
-                "metrics": state.get("metrics", {}),
+                "name": r.name,
+                "stage": r.kind,
+                "status": r.status,
+                "outputs": r.state.get("outputs") or r.entry.get("outputs", {}),
+                "metrics": r.state.get("metrics") or r.entry.get("metrics", {}),
                 "seconds": (finished - started) if started and finished else None,
-                "checkpoint": run.has_checkpoint(),
-                "path": str(run.root),
-                "error": state.get("error"),
+                "checkpoint": r.dir.has_checkpoint(),
+                "path": str(r.dir.root),
+                "error": r.state.get("error"),
                 # finished from inputs that were redone since: its numbers are out of date
-                "stale_inputs": stale_inputs(lineage, name) if status == "finished" else [],
+                "stale_inputs": r.stale_inputs,
             }
         )
     return rows

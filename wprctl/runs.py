@@ -23,13 +23,14 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from wprctl.console import is_main_process
 from wprctl.errors import UserError
-from wprctl.manifest import Manifest, dump_resolved
+from wprctl.manifest import STAGE_KINDS, Manifest, dump_resolved
 
 LINEAGE_FILE = "lineage.json"
 
@@ -227,6 +228,11 @@ def _set_aside(run: RunDir) -> None:
     # Not deleted yet: a --force run that fails on bad input (a mistyped model path, a broken
     # data file) must not have destroyed the finished run it was meant to replace.
     aside = run.replaced_dir
+    if aside.exists() and not run.has_checkpoint():
+        # an earlier --force run was killed (SIGKILL, a power cut) before it saved anything:
+        # the run it was replacing is still the one worth keeping, the killed attempt is not
+        shutil.rmtree(run.root)
+        return
     if aside.exists():
         shutil.rmtree(aside)
     aside.parent.mkdir(parents=True, exist_ok=True)
@@ -344,6 +350,55 @@ def read_lineage(manifest: Manifest) -> dict[str, Any]:
     base = manifest.output_dir
     lineage = _read_json(base / LINEAGE_FILE) or {}
     return {name: located(entry, base) for name, entry in lineage.items()}
+
+
+@dataclass
+class ProjectRun:
+    """One run of a project as `wprctl status` and the report both see it."""
+
+    name: str
+    kind: str
+    dir: RunDir
+    state: dict[str, Any]  # state.json ({} when absent)
+    entry: dict[str, Any]  # its lineage record ({} unless it finished)
+    status: str  # run_status, or "finished" from the lineage alone, "empty", "not started"
+    stale_inputs: list[str]  # for a finished run: inputs redone since it read them
+
+
+def project_runs(
+    manifest: Manifest, read_state: Callable[[Path], Any] | None = None
+) -> list[ProjectRun]:
+    """Every stage named in the manifest, in the lineage or with a run folder, in that order.
+
+    ``read_state`` reads a state.json (default: strictly, an unreadable one is bad input; the
+    report passes a lenient reader, since a stage may be writing it)."""
+    read = read_state or _read_json
+    base = manifest.output_dir
+    lineage = read_lineage(manifest)
+    on_disk = sorted(p.parent.name for p in base.glob("*/state.json"))
+    runs = []
+    for name in dict.fromkeys([*manifest.stages, *lineage, *on_disk]):
+        entry = lineage.get(name, {})
+        state = located(read(base / name / "state.json") or {}, base)
+        variant = manifest.variant(name)
+        kind = (
+            entry.get("kind")
+            or state.get("kind")
+            or (variant.stage if variant else None)
+            or (name if name in STAGE_KINDS else None)
+        )
+        if kind is None:  # a folder that is no stage's
+            continue
+        run = run_dir(manifest, name, kind)
+        if state.get("status"):
+            status = run_status(state, True)
+        elif entry:  # state.json lost, but lineage records the run's outputs
+            status = "finished"
+        else:
+            status = "empty" if run.root.exists() else "not started"
+        stale = stale_inputs(lineage, name) if status == "finished" else []
+        runs.append(ProjectRun(name, kind, run, state, entry, status, stale))
+    return runs
 
 
 def portable(outputs: dict[str, str], base: Path) -> dict[str, str]:

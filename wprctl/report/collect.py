@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from wprctl.errors import UserError
-from wprctl.manifest import STAGE_KINDS, Manifest
-from wprctl.runs import located, read_lineage, read_metrics, run_dir, run_status, stale_inputs
+from wprctl.manifest import Manifest
+from wprctl.runs import project_runs, read_metrics
 
 POLICY_KINDS = ("ppo", "dar")
 
@@ -111,49 +111,30 @@ def check_output_dir(manifest: Manifest) -> Path:
 
 def collect_runs(manifest: Manifest) -> list[Run]:
     """Every run named in the manifest's stages, the lineage or a run folder, report excluded."""
-    out = check_output_dir(manifest)
-    lineage = read_lineage(manifest)
-    on_disk = sorted(p.parent.name for p in out.glob("*/state.json"))
-    names = list(dict.fromkeys([*manifest.stages, *lineage, *on_disk]))
+    check_output_dir(manifest)
     runs = []
-    for name in names:
-        entry = lineage.get(name, {})
-        rd = run_dir(manifest, name)
-        state = located(read_json_lenient(rd.state_file) or {}, rd.root.parent)
-        variant = manifest.variant(name)
-        kind = (
-            entry.get("kind")
-            or state.get("kind")
-            or (variant.stage if variant else None)
-            or (name if name in STAGE_KINDS else None)
-        )
-        if kind is None or kind == "report":
+    for r in project_runs(manifest, read_state=read_json_lenient):
+        if r.kind == "report":
             continue
-        if state.get("status"):
-            status = run_status(state, True)
-        elif entry:
-            status = "finished"
-        else:
-            status = "empty" if rd.root.exists() else "not started"
-        outputs = {**entry.get("outputs", {}), **state.get("outputs", {})}
+        outputs = {**r.entry.get("outputs", {}), **r.state.get("outputs", {})}
         summary_path = _summary_file(outputs)
-        if summary_path is None and rd.root.exists():
+        if summary_path is None and r.dir.root.exists():
             # an evaluation stage still running has no outputs recorded yet; its summary (if any)
             # sits next to the stage's JSONL in its own folder
-            summary_path = next(iter(sorted(rd.root.glob("*.jsonl.summary.json"))), None)
+            summary_path = next(iter(sorted(r.dir.root.glob("*.jsonl.summary.json"))), None)
         summary = read_json_lenient(summary_path) if summary_path else None
         runs.append(
             Run(
-                name=name,
-                kind=kind,
-                status=status,
-                root=rd.root,
-                state=state,
-                config=read_json_lenient(rd.config_file) or {},
-                rows=[row for row in read_metrics(rd.metrics_file) if isinstance(row, dict)],
+                name=r.name,
+                kind=r.kind,
+                status=r.status,
+                root=r.dir.root,
+                state=r.state,
+                config=read_json_lenient(r.dir.config_file) or {},
+                rows=[row for row in read_metrics(r.dir.metrics_file) if isinstance(row, dict)],
                 summary=summary if isinstance(summary, dict) else None,
-                lineage_metrics=entry.get("metrics", {}),
-                stale_inputs=stale_inputs(lineage, name) if status == "finished" else [],
+                lineage_metrics=r.entry.get("metrics", {}),
+                stale_inputs=r.stale_inputs,
             )
         )
     return runs
