@@ -246,9 +246,13 @@ def test_sigterm_stops_a_two_process_run_with_every_rank_checkpointed_at_one_ste
         p for p in psutil.process_iter(["cmdline"]) if str(manifest) in (p.info["cmdline"] or [])
     ]
     assert not left  # no rank outlives the command
+    # a rank's message from an earlier run is never read as this run's
+    stale = tmp_path / "runs" / "sft" / ".error.rank1"
+    stale.write_text("sft: an earlier run's failure")
     res = run_cli("sft", "-m", str(manifest), *args, "--set", f"sft.max_steps={step + 2}",
                   "--resume")  # fmt: skip
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert not stale.exists()
     assert res.stdout.count(f"resumed from step {step}") == 1  # rank 0 reports, not each rank
     assert "[INFO]" not in res.stdout + res.stderr  # nor DeepSpeed's launcher, line by line
     assert "Setting accelerator to CPU" not in res.stdout + res.stderr

@@ -52,8 +52,9 @@ def resume_hint(kind: str, name: str) -> str:
 
 
 # Signals that end a rank, by number; a status that would name another one is an exit code.
-_ENDING_SIGNALS = {s.value: s.name for s in (signal.SIGINT, signal.SIGABRT, signal.SIGBUS,
-                                            signal.SIGKILL, signal.SIGSEGV, signal.SIGTERM)}  # fmt: skip
+_ENDING_SIGNALS = {s.value: s.name for s in (signal.SIGHUP, signal.SIGINT, signal.SIGABRT,
+                                            signal.SIGBUS, signal.SIGKILL, signal.SIGSEGV,
+                                            signal.SIGTERM)}  # fmt: skip
 
 
 def ending_signal(code: int) -> int | None:
@@ -98,23 +99,28 @@ def execute_stage(
             return _already_finished(run)
         os.environ[PREPARED_ENV] = "1"
         os.environ[RESUMING_ENV] = "1" if resuming else "0"
+        for stale in run.root.glob(f"{RANK_ERROR_PREFIX}*"):  # an earlier run's, never read
+            stale.unlink()
         code, signum = relaunch(
             nproc,
             argv if argv is not None else sys.argv[1:],
             hostfile=manifest.deepspeed.hostfile,
             master_port=manifest.deepspeed.master_port,
         )
+        said, silent = _rank_errors(run, nproc) if code != 0 else ("", [])
         if code != 0 and signum:
             state = run.state()
             if state.get("status") == "stopped":
-                said = f"{state['error']}; {resume_hint(kind, name)}"
+                how = f"{state['error']}; {resume_hint(kind, name)}"
             else:  # stopped before the training loop, or killed while saving
                 fail_run(run, "interrupted")
-                said = f"interrupted; {run.root} keeps what was saved ({resume_hint(kind, name)})"
+                how = f"interrupted; {run.root} keeps what was saved ({resume_hint(kind, name)})"
             kept = settle_replaced(manifest, run, succeeded=False)
-            raise StopRequested(signum, message=f"{name}: " + (kept or said))
+            # a rank that failed while stopping said why
+            raise StopRequested(
+                signum, message=(f"{said}\n" if said else "") + f"{name}: " + (kept or how)
+            )
         if code != 0:
-            said, silent = _rank_errors(run, nproc)
             how = f"a process {exit_status(code)}"
             fail_run(run, said or how)
             kept = settle_replaced(manifest, run, succeeded=False)
