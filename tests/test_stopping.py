@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from wprctl.errors import StopRequested
-from wprctl.stopping import GracefulStop, stop_if_requested
+from wprctl.stopping import GracefulStop, restore_signals, stop_if_requested, take_signals
 
 
 def test_first_ctrl_c_asks_and_the_second_interrupts() -> None:
@@ -45,3 +45,26 @@ def test_a_requested_stop_saves_once_and_exits_128_plus_the_signal() -> None:
             stop_if_requested(stop, 5, True, saved.append)  # the step's own checkpoint: no second
         assert saved == [4]
     assert "after step 5, with a checkpoint" in str(StopRequested(signal.SIGINT, 5))
+
+
+def test_a_closed_terminal_asks_too_but_an_ignored_signal_stays_ignored() -> None:
+    """SIGHUP (terminal closed, ssh dropped) asks like SIGTERM; under `nohup` (SIGHUP ignored)
+    the run goes on: neither the training loop nor the multi-process relaunch takes it over."""
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        with GracefulStop(announce=False) as stop:
+            signal.raise_signal(signal.SIGHUP)
+            assert stop.requested() == signal.SIGHUP
+        with pytest.raises(StopRequested) as info:
+            stop_if_requested(stop, 2, True, lambda step: None)
+        assert info.value.exit_code == 129
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does
+        with GracefulStop(announce=False) as stop:
+            signal.raise_signal(signal.SIGHUP)
+            assert stop.requested() == 0
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        taken = take_signals(lambda signum, frame: None)  # what `launch.relaunch` installs
+        restore_signals(taken)
+        assert signal.SIGHUP not in taken and signal.SIGTERM in taken
+    finally:
+        signal.signal(signal.SIGHUP, before)

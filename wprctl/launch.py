@@ -17,6 +17,7 @@ from types import FrameType
 
 from wprctl.console import err_console, quiet_library_warnings
 from wprctl.errors import UserError
+from wprctl.stopping import restore_signals, take_signals
 
 LAUNCHED_ENV = "WPRCTL_LAUNCHED"
 # The command line `wprctl.cli.main` was called with, re-used for the launched ranks.
@@ -69,8 +70,8 @@ def relaunch(
     hostfile: str | None = None,
     master_port: int | None = None,
 ) -> tuple[int, int]:
-    """Run `wprctl argv` with N ranks; returns the launcher's exit status and the signal
-    (SIGINT, SIGTERM) this process passed on to the ranks, or 0.
+    """Run `wprctl argv` with N ranks; returns the launcher's exit status and the stop signal
+    (``wprctl.stopping.STOP_SIGNALS``) this process passed on to the ranks, or 0.
 
     The launcher runs in a session of its own, so a Ctrl-C at the terminal reaches this process
     alone, which hands it to the ranks: they stop at the same step with a checkpoint
@@ -88,19 +89,16 @@ def relaunch(
     received = 0
 
     def forward(signum: int, frame: FrameType | None) -> None:
-        nonlocal received
         # a closed terminal or a dropped ssh session no longer reaches the ranks' own session
-        signum = signal.SIGTERM if signum == signal.SIGHUP else signum
+        nonlocal received
         received = received or signum
         _signal_ranks(proc.pid, signum, remote=hostfile is not None)
 
-    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, forward) for sig in stops}
+    previous = take_signals(forward)
     try:
         code = proc.wait()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore_signals(previous)
     return code, received
 
 
@@ -113,8 +111,8 @@ def _signal_ranks(runner_pid: int, signum: int, *, remote: bool) -> None:
     import psutil
 
     try:
-        if remote:
-            os.kill(runner_pid, signum)
+        if remote:  # DeepSpeed's runner stops the remote ranks on SIGINT and SIGTERM
+            os.kill(runner_pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
             return
         ranks = [r for p in psutil.Process(runner_pid).children() for r in p.children()]
         for r in ranks:

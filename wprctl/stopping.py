@@ -1,14 +1,18 @@
-"""Stopping a training run cleanly: Ctrl-C, or SIGTERM (a scheduler's preemption notice).
+"""Stopping a training run cleanly: Ctrl-C, SIGTERM (a scheduler's preemption notice) or SIGHUP
+(the terminal closed, the ssh session dropped).
 
-The first SIGINT or SIGTERM only asks. The training loop finishes the step it is in, saves a
-checkpoint there, and the command exits 128 + the signal (130, 143), so `--resume` loses nothing.
-A second Ctrl-C stops at once, as Ctrl-C did before. A repeated SIGTERM only repeats the request:
-DeepSpeed's launcher passes a SIGTERM on to every rank and sends SIGKILL 30 s later, and a cluster
-scheduler does the same with its own grace period.
+The first SIGINT, SIGTERM or SIGHUP only asks. The training loop finishes the step it is in, saves
+a checkpoint there, and the command exits 128 + the signal (130, 143, 129), so `--resume` loses
+nothing. A second Ctrl-C stops at once, as Ctrl-C did before. A repeated SIGTERM or SIGHUP only
+repeats the request: DeepSpeed's launcher passes a SIGTERM on to every rank and sends SIGKILL
+30 s later, and a cluster scheduler does the same with its own grace period.
 
 Under DeepSpeed every rank takes part in the checkpoint (ZeRO shards are saved by their owners),
 so the ranks must stop at the same step although the signal reaches them at different moments:
 they agree once per step with a one-number all-reduce.
+
+A signal that was ignored when wprctl started stays ignored: `nohup wprctl ...` means "keep
+running when the terminal closes", and a shell's background job ignores Ctrl-C.
 """
 
 from __future__ import annotations
@@ -22,7 +26,23 @@ from typing import Any, Protocol
 
 from wprctl.errors import StopRequested, signal_name
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+Handler = Callable[[int, FrameType | None], Any]
+
+
+def take_signals(handler: Handler) -> dict[int, Any]:
+    """``handler`` for each stop signal this process does not ignore; returns the handlers it
+    replaced, for ``restore_signals``. Main thread only (Python's rule for handlers)."""
+    return {
+        sig: signal.signal(sig, handler)
+        for sig in STOP_SIGNALS
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
+
+
+def restore_signals(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 class GracefulStop:
@@ -39,8 +59,7 @@ class GracefulStop:
 
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+            self._previous = take_signals(self._handle)
         return self
 
     def __exit__(
@@ -49,9 +68,8 @@ class GracefulStop:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        restore_signals(self._previous)
+        self._previous = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
