@@ -38,6 +38,15 @@ def test_every_command_has_help(command: str) -> None:
     assert len(result.output.split("Usage:")[1]) > 80
 
 
+def test_the_command_list_gives_each_summary_as_one_paragraph() -> None:
+    """`wprctl --help` at a width where every summary fits: one line per command, never the
+    docstring's own line breaks."""
+    out = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "400"}).output
+    panel = out[out.index("Commands") :]
+    rows = [line for line in panel.splitlines()[1:] if line.strip("│╰─╯ ")]
+    assert [row.split()[1] for row in rows] == [*COMMANDS, "data"]
+
+
 def test_data_subcommands_have_help() -> None:
     for sub in ("show", "stats"):
         result = CliRunner().invoke(app, ["data", sub, "--help"], env={"COLUMNS": "200"})

@@ -4,6 +4,7 @@ and turns wprctl's errors into messages and exit statuses (2 bad input, 1 run fa
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 
@@ -44,6 +45,13 @@ def _root(
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"wprctl.commands.{_name}").register(app)
+
+# The command list of `wprctl --help` shows a docstring's first paragraph with its line breaks
+# (typer joins the lines in its other markup modes only); joined, each summary reads as a sentence.
+for _info in app.registered_commands:
+    _doc = _info.help or (_info.callback.__doc__ if _info.callback else None)
+    if _info.short_help is None and _doc:
+        _info.short_help = " ".join(inspect.cleandoc(_doc).split("\n\n")[0].split())
 
 
 # libgomp (PyTorch's OpenMP on Linux) keeps an idle team thread spinning for GOMP_SPINCOUNT
