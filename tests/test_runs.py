@@ -77,11 +77,13 @@ def test_a_run_whose_input_was_redone_reads_as_stale(tmp_path: Path) -> None:
     finish("sft")
     finish("rm", reads="sft")
     finish("ppo", reads="rm")  # and, through rm, on sft
+    finish("infer", reads=str(manifest.output_dir / "sft" / "model"))  # a path is the run too
     assert read_lineage(manifest)["rm"]["inputs"].keys() == {"sft"}
     assert stale_inputs(read_lineage(manifest), "rm") == []
     finish("sft", force=True)  # SFT redone: the reward model was trained on the old one
     assert stale_inputs(read_lineage(manifest), "rm") == ["sft"]
     assert stale_inputs(read_lineage(manifest), "ppo") == ["sft"]  # stale through rm
+    assert stale_inputs(read_lineage(manifest), "infer") == ["sft"]
     rows = {r["name"]: r for r in stage_status(manifest)}
     assert rows["rm"]["stale_inputs"] == ["sft"] and rows["sft"]["stale_inputs"] == []
     runs = {r.name: r for r in collect_runs(manifest)}
@@ -89,6 +91,22 @@ def test_a_run_whose_input_was_redone_reads_as_stale(tmp_path: Path) -> None:
     finish("rm", force=True, reads="sft")
     assert stale_inputs(read_lineage(manifest), "rm") == []
     assert stale_inputs(read_lineage(manifest), "ppo") == ["rm"]  # it read the old rm
+
+    # a judgement of an inference file named by its path goes stale when the inference is redone
+    from wprctl.pipeline import _jsonl_of
+
+    gens = manifest.output_dir / "infer" / "gens.jsonl"
+    run, _ = prepare_run(manifest, "infer", "infer", resume=False, force=True)
+    gens.write_text("{}\n")
+    finish_run(manifest, run, {"jsonl": str(gens)}, {})
+    run, _ = prepare_run(manifest, "judge", "judge", resume=False, force=False)
+    assert _jsonl_of(manifest, str(gens), "judge.a") == str(gens)
+    finish_run(manifest, run, {}, {})
+    assert stale_inputs(read_lineage(manifest), "judge") == []
+    run, _ = prepare_run(manifest, "infer", "infer", resume=False, force=True)
+    gens.write_text("{}\n")
+    finish_run(manifest, run, {"jsonl": str(gens)}, {})
+    assert stale_inputs(read_lineage(manifest), "judge") == ["infer"]
 
     # `wprctl status` and the report agree, also on a run known from the lineage alone
     (manifest.output_dir / "ppo" / "state.json").unlink()

@@ -18,7 +18,14 @@ from typing import Any
 from wprctl.console import console, print_table, short_metrics
 from wprctl.errors import StopRequested, UserError
 from wprctl.manifest import Manifest, load_manifest
-from wprctl.runs import finish_run, note_input, prepare_run, read_lineage, run_dir
+from wprctl.runs import (
+    finish_run,
+    note_input,
+    note_output_path,
+    prepare_run,
+    read_lineage,
+    run_dir,
+)
 
 TRAINING = ("sft", "rm", "ppo", "dar")
 
@@ -58,6 +65,7 @@ def _jsonl_of(manifest: Manifest, ref: str, what: str) -> str:
         note_input(ref, lineage[ref])
         return lineage[ref]["outputs"]["jsonl"]
     if Path(ref).exists():
+        note_output_path(lineage, Path(ref), "jsonl")
         return ref
     raise UserError(f"{what}: {ref!r} is neither a finished inference stage nor a file")
 

@@ -438,6 +438,15 @@ def note_input(name: str, entry: dict[str, Any]) -> None:
         _INPUTS[name] = float(finished)
 
 
+def note_output_path(lineage: dict[str, Any], path: Path, key: str) -> None:
+    """The current stage reads ``path``: if it is a finished run's output ``key``, that run is an
+    input as if named, so redoing it makes the current stage's result stale."""
+    for name, entry in lineage.items():
+        output = entry.get("outputs", {}).get(key)
+        if output and Path(output).resolve() == path.resolve():
+            note_input(name, entry)
+
+
 def stale_inputs(lineage: dict[str, Any], name: str) -> list[str]:
     """The runs upstream of finished run ``name`` that were redone (or removed) after their
     results flowed into it: its own inputs, and theirs (a judgement of answers sampled from a
@@ -465,6 +474,7 @@ def resolve_model_ref(manifest: Manifest, ref: str, *, what: str = "model") -> P
             return Path(model)
     path = Path(ref).expanduser()
     if path.exists():
+        note_output_path(lineage, path, "model")
         return path
     known = manifest.variant(ref) is not None or ref in ("sft", "rm", "ppo", "dar")
     if known:
