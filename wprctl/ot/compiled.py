@@ -40,16 +40,23 @@ _LAUNCH = threading.Lock()
 NOTICE_AFTER = 3.0
 
 
+_NOTICE_SAID = threading.Event()  # once per process, however many solvers compile
+
+
+def _say_compiling() -> None:
+    if not _NOTICE_SAID.is_set():
+        _NOTICE_SAID.set()
+        err_console.print(
+            "[dim]Compiling the CPU optimal-transport solvers (first use on this machine, up to "
+            "a minute; cached after) ...[/]"
+        )
+
+
 def _compile_notice(fn: Any) -> threading.Timer | None:
     """A timer that prints the compile notice, if ``fn`` has not been called in this process."""
-    if getattr(fn, "signatures", None) or not is_main_process():
+    if getattr(fn, "signatures", None) or not is_main_process() or _NOTICE_SAID.is_set():
         return None
-    timer = threading.Timer(
-        NOTICE_AFTER,
-        err_console.print,
-        ("[dim]Compiling the CPU optimal-transport solvers (first use on this machine, up to a "
-         "minute; cached after) ...[/]",),
-    )  # fmt: skip
+    timer = threading.Timer(NOTICE_AFTER, _say_compiling)
     timer.daemon = True
     timer.start()
     return timer
