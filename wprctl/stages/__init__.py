@@ -52,9 +52,9 @@ def resume_hint(kind: str, name: str) -> str:
 
 
 # Signals that end a rank, by number; a status that would name another one is an exit code.
-_ENDING_SIGNALS = {s.value: s.name for s in (signal.SIGHUP, signal.SIGINT, signal.SIGABRT,
-                                            signal.SIGBUS, signal.SIGKILL, signal.SIGSEGV,
-                                            signal.SIGTERM)}  # fmt: skip
+# not SIGHUP: the launcher's status for it, 255, is also a plain exit(-1)
+_ENDING_SIGNALS = {s.value: s.name for s in (signal.SIGINT, signal.SIGABRT, signal.SIGBUS,
+                                            signal.SIGKILL, signal.SIGSEGV, signal.SIGTERM)}  # fmt: skip
 
 
 def ending_signal(code: int) -> int | None:
