@@ -11,8 +11,9 @@ Under DeepSpeed every rank takes part in the checkpoint (ZeRO shards are saved b
 so the ranks must stop at the same step although the signal reaches them at different moments:
 they agree once per step with a one-number all-reduce.
 
-A signal that was ignored when wprctl started stays ignored: `nohup wprctl ...` means "keep
-running when the terminal closes", and a shell's background job ignores Ctrl-C.
+A SIGHUP that was ignored when wprctl started stays ignored: `nohup wprctl ...` means "keep
+running when the terminal closes". (SIGINT is taken even where a shell started wprctl ignoring
+it, as a script's background job: only an explicit `kill -INT` reaches such a job.)
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ Handler = Callable[[int, FrameType | None], Any]
 
 
 def take_signals(handler: Handler) -> dict[int, Any]:
-    """``handler`` for each stop signal this process does not ignore; returns the handlers it
-    replaced, for ``restore_signals``. Main thread only (Python's rule for handlers)."""
+    """``handler`` for each stop signal, except a SIGHUP ignored under `nohup`; returns the
+    handlers it replaced, for ``restore_signals``. Main thread only (Python's rule)."""
     return {
         sig: signal.signal(sig, handler)
         for sig in STOP_SIGNALS
-        if signal.getsignal(sig) is not signal.SIG_IGN
+        if not (sig == signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN)
     }
 
 
