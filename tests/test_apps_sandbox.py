@@ -367,3 +367,43 @@ def test_program_cannot_forge_a_harness_error(pool: ExecPool) -> None:
     )
     res = run(pool, code, fn)  # no RunError: the evaluation goes on
     assert res.verdicts in (["fail"], ["runtime_error"])
+
+
+def test_a_policy_rewarded_by_tests_cannot_read_them_nor_the_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PPO's execution reward on APPS: the problems file (data.path, relative to the manifest's
+    folder, run from elsewhere) and the project's output folder are hidden from the programs,
+    which still see the rest of the file system."""
+    import shutil
+
+    from wprctl.manifest import load_manifest
+    from wprctl.rl.online import build_reward_fn
+
+    # not under /tmp, which every sandbox replaces with an empty one of its own anyway
+    project = HERE / f"_project_{os.getpid()}"
+    (project / "data").mkdir(parents=True)
+    shutil.copy(HERE / "fixtures" / "apps" / "apps.jsonl", project / "data" / "apps.jsonl")
+    (project / "runs" / "ppo" / "checkpoints").mkdir(parents=True)
+    (project / "wprctl.toml").write_text(
+        '[project]\noutput_dir = "runs"\n[data]\ndataset = "apps"\npath = "data/apps.jsonl"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    try:
+        reward = build_reward_fn(
+            load_manifest(project / "wprctl.toml"), None, None, stage="ppo", pad_id=0
+        )
+    except BaseException:
+        shutil.rmtree(project)
+        raise
+    assert len(reward.problems) > 0  # read from the manifest's folder, not the working one
+    secret, ckpt = project / "data" / "apps.jsonl", project / "runs" / "ppo" / "checkpoints"
+    code = f"import os\nprint(os.path.exists({str(secret)!r}), os.path.isdir({str(ckpt)!r}))\n"
+    seen = Problem("look", inputs=["\n"], outputs=["False False\n"])
+    try:
+        if probe_isolation().namespaces:
+            assert run(reward.pool, code, seen).verdicts == ["pass"]
+        assert run(reward.pool, "print(int(input()) * 2)\n").verdicts == ["pass", "pass"]
+    finally:
+        reward.pool.close()
+        shutil.rmtree(project)

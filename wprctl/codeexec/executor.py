@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from wprctl.codeexec.compare import outputs_match
 from wprctl.codeexec.config import ExecConfig
@@ -23,6 +24,9 @@ from wprctl.codeexec.extract import extract_code
 from wprctl.codeexec.problems import Problem
 from wprctl.codeexec.sandbox import Sandbox, probe_isolation
 from wprctl.errors import RunError, UserError
+
+if TYPE_CHECKING:
+    from wprctl.manifest import Manifest
 
 # Verdict names and their APPS integers (a timeout is -1 in APPS, like a runtime error).
 VERDICT_CODES = {"pass": 1, "fail": 0, "runtime_error": -1, "timeout": -1, "compile_error": -2}
@@ -103,6 +107,28 @@ def default_hidden_paths() -> list[str]:
     out = [home] if home not in ("/", "") else []
     out += [os.path.join(home, d) for d in (".cache", ".config", ".ssh", ".aws", ".huggingface")]
     return out
+
+
+def folders_of(*paths: str | Path | None) -> list[str]:
+    """The folders holding these local files (a folder stands for itself); hub ids, missing paths
+    and None are skipped. For what a program under evaluation must not read: the problems' tests
+    and reference solutions, the generations, a project's checkpoints."""
+    out = []
+    for p in paths:
+        if p is None or not Path(p).expanduser().exists():
+            continue
+        path = Path(p).expanduser().resolve()
+        out.append(str(path if path.is_dir() else path.parent))
+    return list(dict.fromkeys(out))
+
+
+def hidden_in_project(manifest: Manifest) -> list[str]:
+    """What a program that a project runs for a reward must not read: the problems' tests and
+    solutions (apps.problems, data.path) and the project's outputs (its checkpoints)."""
+    from wprctl.data.sources import local_or_hub
+
+    specs = [s for s in (manifest.apps.problems, manifest.data.path) if s]
+    return folders_of(*(local_or_hub(s, manifest.root) for s in specs), manifest.output_dir)
 
 
 class ExecPool:

@@ -51,7 +51,7 @@ def apps_eval(
 ) -> None:
     """Run generated programs against APPS tests (sandboxed) and report pass@k."""
     from wprctl.codeexec import ExecConfig, evaluate_samples, load_problems, summarize
-    from wprctl.codeexec.executor import check_samples
+    from wprctl.codeexec.executor import check_samples, folders_of
     from wprctl.codeexec.partial import PartialResults, fingerprint
     from wprctl.console import console
 
@@ -71,11 +71,7 @@ def apps_eval(
     rows = read_generations(generations)
     problem_set = load_problems(source)
     samples = [(r["id"], r["response"]) for r in rows]
-    hide = [str(generations.resolve().parent)]
-    if Path(source).exists():
-        hide.append(
-            str(Path(source).resolve().parent if Path(source).is_file() else Path(source).resolve())
-        )
+    hide = folders_of(generations, source)
     check_samples(problem_set, (pid for pid, _ in samples))
     partial = PartialResults(out)
     keys = [fingerprint(problem_set[r["id"]], r["sample"], r["response"], config) for r in rows]

@@ -97,13 +97,11 @@ def _digest(obj: Any) -> str:
 
 def _apps_problems(manifest: Manifest, examples: Sequence[Example]) -> dict[str, Any]:
     from wprctl.codeexec import Problem, load_problems
+    from wprctl.data.sources import local_or_hub
 
     source = manifest.apps.problems
     if source:
-        local = Path(source).expanduser()
-        if not local.is_absolute() and (manifest.root / local).exists():
-            local = manifest.root / local
-        return load_problems(local if local.exists() else source)
+        return load_problems(local_or_hub(source, manifest.root))
     problems: dict[str, Any] = {}
     for ex in examples:
         meta = ex.meta
@@ -132,10 +130,11 @@ def make_scorer(
 
     if manifest.data.dataset == "apps" and cfg.reward_model is None:
         from wprctl.codeexec import ExecConfig, ExecPool
+        from wprctl.codeexec.executor import hidden_in_project
 
         exec_cfg = ExecConfig.from_apps(manifest.apps)
         problems = _apps_problems(manifest, examples)
-        pool = stack.enter_context(ExecPool(exec_cfg))
+        pool = stack.enter_context(ExecPool(exec_cfg, hidden_in_project(manifest)))
         identity = "apps-exec:" + _digest([asdict(exec_cfg), manifest.apps.problems])
         problem_of = {ex.id: str(ex.meta.get("problem_id", ex.id)) for ex in examples}
         return ExecutionScorer(problems, pool, identity, problem_of), None

@@ -107,13 +107,20 @@ def build_reward_fn(
     m = manifest
     if m.data.dataset == "apps":
         from wprctl.codeexec import ExecConfig, load_problems
+        from wprctl.codeexec.executor import hidden_in_project
+        from wprctl.data.sources import local_or_hub
 
-        source = m.apps.problems or m.data.path
-        if not source:
+        spec = m.apps.problems or m.data.path
+        if not spec:
             raise UserError(
                 f"{stage} on APPS needs apps.problems or data.path (the problems with their tests)"
             )
-        return ExecutionReward(load_problems(source), ExecConfig.from_apps(m.apps))
+        # a policy rewarded by tests must not be able to read them (or the run's checkpoints)
+        return ExecutionReward(
+            load_problems(local_or_hub(spec, m.root)),
+            ExecConfig.from_apps(m.apps),
+            hide=hidden_in_project(m),
+        )
     from wprctl.models import load_reward_model
 
     rm_path = resolve_model_ref(m, ref or "rm", what=f"{stage}.reward_model")

@@ -118,12 +118,12 @@ class ModelReward:
 class ExecutionReward:
     """The APPS executor's reward of each decoded response (paper formula; see wprctl.codeexec)."""
 
-    def __init__(self, problems: dict[str, Any], config: Any) -> None:
+    def __init__(self, problems: dict[str, Any], config: Any, hide: Sequence[str] = ()) -> None:
         from wprctl.codeexec import ExecPool
 
         self.problems = problems
         self.config = config
-        self.pool = ExecPool(config)
+        self.pool = ExecPool(config, hide)
 
     def __call__(
         self,
