@@ -135,7 +135,8 @@ _DS_ACCELERATOR_PACKAGES = (
 
 
 def _default_ds_accelerator() -> str:
-    """ "cpu" when this machine has no accelerator DeepSpeed could use, else "" (let it detect).
+    """DS_ACCELERATOR's value: cpu where DeepSpeed has no accelerator to use, else empty (it
+    detects one itself).
 
     DeepSpeed guesses the accelerator and logs a warning on every import when there is none;
     deciding here keeps the console clean and makes the CPU choice explicit. Anything else it

@@ -89,7 +89,7 @@ def relaunch(
     received = 0
 
     def forward(signum: int, frame: FrameType | None) -> None:
-        # a closed terminal or a dropped ssh session no longer reaches the ranks' own session
+        # the ranks' own session gets no terminal signal (Ctrl-C, a closed terminal) but this
         nonlocal received
         received = received or signum
         _signal_ranks(proc.pid, signum, remote=hostfile is not None)
