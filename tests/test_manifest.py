@@ -190,3 +190,40 @@ def test_cli_exit_codes_for_broken_manifests(tmp_path: Path) -> None:
     assert res.returncode == 2 and "wprctl init" in res.stderr
     res = run_cli("sft", "-m", str(p))
     assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_paths_in_the_manifest_are_read_from_its_folder_whatever_the_working_directory(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`wprctl -m proj/wprctl.toml` from elsewhere: a base model, a stage's model input and a
+    judge's inference file written relative to the manifest are found there (as data.path and
+    project.output_dir always were); a hub id or a path from the working directory still is."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import clean_env
+    from wprctl.pipeline import _jsonl_of
+    from wprctl.runs import resolve_model_ref
+
+    proj = tmp_path / "proj"
+    shutil.copytree(tiny_model_dir, proj / "models" / "base")
+    (proj / "gens.jsonl").write_text("{}\n")
+    (proj / "wprctl.toml").write_text(
+        '[project]\noutput_dir = "runs"\n[model]\nbase = "models/base"\n'
+        '[data]\ndataset = "demo"\n[data.demo]\nn_train = 50\nn_validation = 10\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "mine").mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    m = load_manifest(proj / "wprctl.toml")
+    assert resolve_model_ref(m, "models/base") == proj / "models" / "base"
+    assert _jsonl_of(m, "gens.jsonl", "judge.a") == str(proj / "gens.jsonl")
+    assert resolve_model_ref(m, "mine") == Path("mine")  # the working directory's, not there
+    assert m.locate("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    # the data command loads the base model's tokenizer from the manifest's folder
+    res = subprocess.run(
+        [sys.executable, "-m", "wprctl", "data", "stats", "-m", str(proj / "wprctl.toml")],
+        cwd=elsewhere, env=clean_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -9,6 +9,7 @@ and what is allowed. `--set a.b.c=VALUE` overrides one key, with VALUE read as a
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -418,6 +419,16 @@ class Manifest(Section):
     def output_dir(self) -> Path:
         out = Path(self.project.output_dir)
         return out if out.is_absolute() else self.root / out
+
+    def locate(self, spec: str) -> str:
+        """A path written in the manifest (a model, a data file, a template): relative to the
+        manifest's folder when it exists there, else as written (a path from the working
+        directory, or a hub id). Like project.output_dir, so `-m proj/wprctl.toml` works from
+        anywhere."""
+        path = Path(os.path.expanduser(spec))
+        if not path.is_absolute() and (self.root / path).exists():
+            return str(self.root / path)
+        return spec
 
     def variant(self, name: str) -> VariantConfig | None:
         return next((v for v in self.variants if v.name == name), None)

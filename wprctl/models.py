@@ -100,7 +100,7 @@ def resolve_base_model(manifest: Manifest) -> str:
     """The path or hub id of `model.base`, building the tiny model on first use."""
     base = manifest.model.base
     if base != "tiny":
-        return base
+        return manifest.locate(base)
     out = manifest.output_dir / TINY_DIRNAME
     stamp = out / "wprctl_tiny.json"
     want = tiny_fingerprint(manifest.model.tiny, manifest.project.seed)
@@ -152,7 +152,8 @@ def load_tokenizer(
 def tokenizer_for(
     manifest: Manifest, model_source: str | Path | None = None
 ) -> PreTrainedTokenizerBase:
-    source = manifest.model.tokenizer or model_source or resolve_base_model(manifest)
+    named = manifest.model.tokenizer
+    source = manifest.locate(named) if named else model_source or resolve_base_model(manifest)
     return load_tokenizer(source, trust_remote_code=manifest.model.trust_remote_code)
 
 

@@ -64,9 +64,10 @@ def _jsonl_of(manifest: Manifest, ref: str, what: str) -> str:
     if ref in lineage and lineage[ref].get("outputs", {}).get("jsonl"):
         note_input(ref, lineage[ref])
         return lineage[ref]["outputs"]["jsonl"]
-    if Path(ref).exists():
-        note_output_path(lineage, Path(ref), "jsonl")
-        return ref
+    local = manifest.locate(ref)
+    if Path(local).exists():
+        note_output_path(lineage, Path(local), "jsonl")
+        return local
     raise UserError(f"{what}: {ref!r} is neither a finished inference stage nor a file")
 
 

@@ -472,7 +472,7 @@ def resolve_model_ref(manifest: Manifest, ref: str, *, what: str = "model") -> P
         if model:
             note_input(ref, lineage[ref])
             return Path(model)
-    path = Path(ref).expanduser()
+    path = Path(manifest.locate(ref)).expanduser()
     if path.exists():
         note_output_path(lineage, path, "model")
         return path

@@ -125,10 +125,8 @@ def folders_of(*paths: str | Path | None) -> list[str]:
 def hidden_in_project(manifest: Manifest) -> list[str]:
     """What a program that a project runs for a reward must not read: the problems' tests and
     solutions (apps.problems, data.path) and the project's outputs (its checkpoints)."""
-    from wprctl.data.sources import local_or_hub
-
     specs = [s for s in (manifest.apps.problems, manifest.data.path) if s]
-    return folders_of(*(local_or_hub(s, manifest.root) for s in specs), manifest.output_dir)
+    return folders_of(*(manifest.locate(s) for s in specs), manifest.output_dir)
 
 
 class ExecPool:

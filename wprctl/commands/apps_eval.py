@@ -127,7 +127,10 @@ def _apps_section(manifest: Path, overrides: list[str] | None) -> Any:
     from wprctl.manifest import AppsConfig, load_manifest
 
     if manifest.exists() or manifest != DEFAULT_MANIFEST or overrides:
-        return load_manifest(manifest, overrides).apps
+        m = load_manifest(manifest, overrides)
+        if m.apps.problems:  # a problems file beside the manifest
+            return m.apps.model_copy(update={"problems": m.locate(m.apps.problems)})
+        return m.apps
     return AppsConfig()
 
 

@@ -22,7 +22,11 @@ def judge_config(manifest: Path, overrides: list[str] | None, explicit: bool) ->
     from wprctl.manifest import _assign, load_manifest, manifest_from_dict, parse_override
 
     if manifest.exists() or explicit:
-        return load_manifest(manifest, overrides).judge
+        m = load_manifest(manifest, overrides)
+        judge = m.judge
+        if judge.template:  # a template file beside the manifest
+            judge = judge.model_copy(update={"template": m.locate(judge.template)})
+        return judge
     raw: dict[str, Any] = {}
     for item in overrides or []:
         key, value = parse_override(item)

@@ -159,13 +159,6 @@ def resolve_path(spec: str, root: Path) -> Path:
     return p if p.is_absolute() else root / p
 
 
-def local_or_hub(spec: str, root: Path) -> str:
-    """A manifest's path (relative to the manifest's folder) when it exists there, else ``spec``
-    as given (a hub id)."""
-    local = resolve_path(spec, root)
-    return str(local) if local.exists() else spec
-
-
 def source_rows(cfg: Any, adapter: Adapter, split: str, root: Path) -> SourceRows:
     """The rows of `split` ("train" or "eval") for the manifest's data section."""
     spec = cfg.path or adapter.hub_id

@@ -97,11 +97,10 @@ def _digest(obj: Any) -> str:
 
 def _apps_problems(manifest: Manifest, examples: Sequence[Example]) -> dict[str, Any]:
     from wprctl.codeexec import Problem, load_problems
-    from wprctl.data.sources import local_or_hub
 
     source = manifest.apps.problems
     if source:
-        return load_problems(local_or_hub(source, manifest.root))
+        return load_problems(manifest.locate(source))
     problems: dict[str, Any] = {}
     for ex in examples:
         meta = ex.meta

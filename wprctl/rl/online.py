@@ -108,7 +108,6 @@ def build_reward_fn(
     if m.data.dataset == "apps":
         from wprctl.codeexec import ExecConfig, load_problems
         from wprctl.codeexec.executor import hidden_in_project
-        from wprctl.data.sources import local_or_hub
 
         spec = m.apps.problems or m.data.path
         if not spec:
@@ -117,7 +116,7 @@ def build_reward_fn(
             )
         # a policy rewarded by tests must not be able to read them (or the run's checkpoints)
         return ExecutionReward(
-            load_problems(local_or_hub(spec, m.root)),
+            load_problems(m.locate(spec)),
             ExecConfig.from_apps(m.apps),
             hide=hidden_in_project(m),
         )
