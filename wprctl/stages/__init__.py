@@ -101,10 +101,11 @@ def execute_stage(
         os.environ[RESUMING_ENV] = "1" if resuming else "0"
         for stale in run.root.glob(f"{RANK_ERROR_PREFIX}*"):  # an earlier run's, never read
             stale.unlink()
+        hostfile = manifest.deepspeed.hostfile
         code, signum = relaunch(
             nproc,
             argv if argv is not None else sys.argv[1:],
-            hostfile=manifest.deepspeed.hostfile,
+            hostfile=manifest.locate(hostfile) if hostfile else None,
             master_port=manifest.deepspeed.master_port,
         )
         said, silent = _rank_errors(run, nproc) if code != 0 else ("", [])
