@@ -135,6 +135,11 @@ def test_a_force_run_killed_before_its_first_checkpoint_does_not_cost_the_run_it
     dead.wait()
     run.update_state(pid=dead.pid)  # SIGKILLed: its process is gone, nothing settled
     assert run.status == "interrupted" and run.replaced_dir.exists()
+    from wprctl.project import stage_status
+
+    (row,) = [r for r in stage_status(manifest) if r["name"] == "sft"]
+    assert row["set_aside"] == str(run.replaced_dir)  # `wprctl status` says where it is
+    assert row["outputs"] == {}  # not the set-aside run's, which the lineage still names
 
     run, _ = prepare_run(manifest, "sft", "sft", resume=False, force=True)
     assert settle_replaced(manifest, run, succeeded=False)  # e.g. bad input in the new run

@@ -52,19 +52,23 @@ def stage_status(manifest: Manifest) -> list[dict[str, Any]]:
     rows = []
     for r in project_runs(manifest):
         started, finished = r.state.get("started"), r.state.get("finished")
+        # the lineage speaks for a run only without a state.json: a run redone since has its own
+        record = r.state or r.entry
         rows.append(
             {
                 "name": r.name,
                 "stage": r.kind,
                 "status": r.status,
-                "outputs": r.state.get("outputs") or r.entry.get("outputs", {}),
-                "metrics": r.state.get("metrics") or r.entry.get("metrics", {}),
+                "outputs": record.get("outputs", {}),
+                "metrics": record.get("metrics", {}),
                 "seconds": (finished - started) if started and finished else None,
                 "checkpoint": r.dir.has_checkpoint(),
                 "path": str(r.dir.root),
                 "error": r.state.get("error"),
                 # finished from inputs that were redone since: its numbers are out of date
                 "stale_inputs": r.stale_inputs,
+                # the run a --force run replaces, kept until that one finishes or checkpoints
+                "set_aside": str(r.dir.replaced_dir) if r.dir.replaced_dir.exists() else None,
             }
         )
     return rows

@@ -77,6 +77,8 @@ def status(
         )
         if r["stale_inputs"]:
             st += f" [yellow](stale: {', '.join(r['stale_inputs'])} redone since)[/]"
+        if r["set_aside"]:
+            st += f" [dim](the run it replaces is kept in {r['set_aside']})[/]"
         table.add_row(
             r["name"],
             r["stage"],
