@@ -240,3 +240,26 @@ def test_apps_rewards_come_from_executing_the_tests(tmp_path: Path, tiny_model_d
     assert [r["reward"] for r in rows] == pytest.approx(want)
     assert gen.summary["reference_reward_mean"] == pytest.approx(1.0)
     assert gen.summary["rouge1"] is None
+
+
+def test_a_model_path_on_the_command_line_is_read_from_the_working_directory(
+    project: Path, tiny_model_dir: Path, rm_dir: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--model policy` names ./policy, even when the manifest's folder has a `policy` too (a
+    path written in the manifest would be read from there)."""
+    import shutil
+
+    decoy = project.parent / "policy"
+    decoy.mkdir()
+    (decoy / "config.json").write_text("not a config")
+    here = project.parent / "elsewhere"
+    shutil.copytree(tiny_model_dir, here / "policy")
+    shutil.copytree(rm_dir, here / "rm-model")
+    monkeypatch.chdir(here)
+    try:
+        main(["infer", "-m", str(project), "--model", "policy", "--reward-model", "rm-model",
+              "--num-samples", "1", "--out", "rows.jsonl"])  # fmt: skip
+    except SystemExit as exc:
+        assert exc.code in (0, None), capsys.readouterr().err
+    rows = [json.loads(x) for x in (here / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(isinstance(r["reward"], float) for r in rows)

@@ -115,6 +115,23 @@ def test_a_run_whose_input_was_redone_reads_as_stale(tmp_path: Path) -> None:
     seen = {r.name: (r.status, r.stale_inputs) for r in collect_runs(manifest)}
     assert said == seen and said["ppo"] == ("finished", ["rm"]) and "stray" not in said
 
+    # a run redone since speaks for itself: while it runs, nothing of the run it replaces shows
+    # (the lineage still names that run's file and figures until the new one finishes)
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text("{}\n")
+    Path(f"{rows_file}.summary.json").write_text('{"reward_mean": 0.5}')
+    run, _ = prepare_run(manifest, "infer", "infer", resume=False, force=True)
+    finish_run(manifest, run, {"jsonl": str(rows_file)}, {"reward_mean": 0.5})
+    (manifest.output_dir / "infer" / "state.json").unlink()  # known from the lineage alone
+    before = next(r for r in collect_runs(manifest) if r.name == "infer")
+    assert before.summary == {"reward_mean": 0.5} and before.last("reward_mean") == 0.5
+    prepare_run(manifest, "infer", "infer", resume=False, force=True)
+    row = next(r for r in stage_status(manifest) if r["name"] == "infer")
+    again = next(r for r in collect_runs(manifest) if r.name == "infer")
+    assert row["status"] == again.status == "running"
+    assert row["outputs"] == {} and row["metrics"] == {}
+    assert again.summary is None and again.last("reward_mean") is None
+
 
 def test_a_force_run_killed_before_its_first_checkpoint_does_not_cost_the_run_it_replaced(
     tmp_path: Path,

@@ -13,7 +13,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import tomllib
 from pydantic import (
@@ -27,6 +27,8 @@ from pydantic import (
 )
 
 from wprctl.errors import UserError
+
+_Section = TypeVar("_Section", bound=BaseModel)
 
 STAGE_KINDS = ("sft", "rm", "ppo", "dar", "infer", "judge", "apps-eval", "report")
 
@@ -429,6 +431,11 @@ class Manifest(Section):
         if not path.is_absolute() and (self.root / path).exists():
             return str(self.root / path)
         return spec
+
+    def with_located(self, section: _Section, *fields: str) -> _Section:
+        """``section`` with each of its path ``fields`` that is set read as ``locate`` reads it."""
+        update = {f: self.locate(value) for f in fields if (value := getattr(section, f))}
+        return section.model_copy(update=update)
 
     def variant(self, name: str) -> VariantConfig | None:
         return next((v for v in self.variants if v.name == name), None)

@@ -52,15 +52,13 @@ def stage_status(manifest: Manifest) -> list[dict[str, Any]]:
     rows = []
     for r in project_runs(manifest):
         started, finished = r.state.get("started"), r.state.get("finished")
-        # the lineage speaks for a run only without a state.json: a run redone since has its own
-        record = r.state or r.entry
         rows.append(
             {
                 "name": r.name,
                 "stage": r.kind,
                 "status": r.status,
-                "outputs": record.get("outputs", {}),
-                "metrics": record.get("metrics", {}),
+                "outputs": r.record.get("outputs", {}),
+                "metrics": r.record.get("metrics", {}),
                 "seconds": (finished - started) if started and finished else None,
                 "checkpoint": r.dir.has_checkpoint(),
                 "path": str(r.dir.root),

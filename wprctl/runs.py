@@ -364,6 +364,13 @@ class ProjectRun:
     status: str  # run_status, or "finished" from the lineage alone, "empty", "not started"
     stale_inputs: list[str]  # for a finished run: inputs redone since it read them
 
+    @property
+    def record(self) -> dict[str, Any]:
+        """What speaks for the run's outputs and metrics: its state.json, or the lineage's record
+        when that is lost. Never a mix: a run redone since has its own (none, while it runs),
+        and the lineage still names the run it replaced."""
+        return self.state or self.entry
+
 
 def project_runs(
     manifest: Manifest, read_state: Callable[[Path], Any] | None = None
@@ -464,6 +471,11 @@ def stale_inputs(lineage: dict[str, Any], name: str) -> list[str]:
     return sorted(redone)
 
 
+def names_a_run(manifest: Manifest, ref: str) -> bool:
+    """A training stage's or a variant's name, as opposed to a path."""
+    return manifest.variant(ref) is not None or ref in ("sft", "rm", "ppo", "dar")
+
+
 def resolve_model_ref(manifest: Manifest, ref: str, *, what: str = "model") -> Path:
     """A stage or variant name (its finished output) or a path to a Hugging Face folder."""
     lineage = read_lineage(manifest)
@@ -476,8 +488,7 @@ def resolve_model_ref(manifest: Manifest, ref: str, *, what: str = "model") -> P
     if path.exists():
         note_output_path(lineage, path, "model")
         return path
-    known = manifest.variant(ref) is not None or ref in ("sft", "rm", "ppo", "dar")
-    if known:
+    if names_a_run(manifest, ref):
         state = run_dir(manifest, ref).status
         raise UserError(
             f"{what}: stage {ref!r} has no finished output under {manifest.output_dir} "

@@ -72,6 +72,7 @@ def apps_eval(
     problem_set = load_problems(source)
     samples = [(r["id"], r["response"]) for r in rows]
     hide = folders_of(generations, source)
+    # here already (evaluate_samples checks too): the fingerprints below index the problems
     check_samples(problem_set, (pid for pid, _ in samples))
     partial = PartialResults(out)
     keys = [fingerprint(problem_set[r["id"]], r["sample"], r["response"], config) for r in rows]
@@ -128,9 +129,7 @@ def _apps_section(manifest: Path, overrides: list[str] | None) -> Any:
 
     if manifest.exists() or manifest != DEFAULT_MANIFEST or overrides:
         m = load_manifest(manifest, overrides)
-        if m.apps.problems:  # a problems file beside the manifest
-            return m.apps.model_copy(update={"problems": m.locate(m.apps.problems)})
-        return m.apps
+        return m.with_located(m.apps, "problems")  # a problems file beside the manifest
     return AppsConfig()
 
 

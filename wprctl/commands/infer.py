@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from wprctl.commands.options import DEFAULT_MANIFEST, ManifestOpt, SetOpt
+
+if TYPE_CHECKING:
+    from wprctl.manifest import Manifest
+
+
+def _from_here(m: Manifest, ref: str | None) -> str | None:
+    """A model given on the command line as a path is read from the working directory, like
+    --out; in the manifest it would be read from the manifest's folder first, and a same-named
+    folder there would win. A stage or variant name stays a name."""
+    from wprctl.runs import names_a_run
+
+    if ref is None or names_a_run(m, ref):
+        return ref
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else ref
 
 
 def register(app: typer.Typer) -> None:
@@ -78,8 +93,8 @@ def register(app: typer.Typer) -> None:
         quiet_library_warnings()
         m = load_manifest(manifest, set_)
         flags = {
-            "model": model,
-            "reward_model": reward_model,
+            "model": _from_here(m, model),
+            "reward_model": _from_here(m, reward_model),
             "split": split,
             "num_samples": num_samples,
             "samples_per_prompt": samples_per_prompt,

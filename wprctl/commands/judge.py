@@ -23,10 +23,7 @@ def judge_config(manifest: Path, overrides: list[str] | None, explicit: bool) ->
 
     if manifest.exists() or explicit:
         m = load_manifest(manifest, overrides)
-        judge = m.judge
-        if judge.template:  # a template file beside the manifest
-            judge = judge.model_copy(update={"template": m.locate(judge.template)})
-        return judge
+        return m.with_located(m.judge, "template")  # a template file beside the manifest
     raw: dict[str, Any] = {}
     for item in overrides or []:
         key, value = parse_override(item)

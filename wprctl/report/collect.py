@@ -32,7 +32,7 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] | None = None
-    lineage_metrics: dict[str, Any] = field(default_factory=dict)
+    final_metrics: dict[str, Any] = field(default_factory=dict)  # state.json (or lineage)
     stale_inputs: list[str] = field(default_factory=list)  # redone after this run read them
 
     @property
@@ -72,7 +72,7 @@ class Run:
         values = self.series(key)[1]
         if values:
             return values[-1]
-        value = self.lineage_metrics.get(key)
+        value = self.final_metrics.get(key)
         return float(value) if isinstance(value, int | float) else None
 
     @property
@@ -116,8 +116,7 @@ def collect_runs(manifest: Manifest) -> list[Run]:
     for r in project_runs(manifest, read_state=read_json_lenient):
         if r.kind == "report":
             continue
-        outputs = {**r.entry.get("outputs", {}), **r.state.get("outputs", {})}
-        summary_path = _summary_file(outputs)
+        summary_path = _summary_file(r.record.get("outputs", {}))
         if summary_path is None and r.dir.root.exists():
             # an evaluation stage still running has no outputs recorded yet; its summary (if any)
             # sits next to the stage's JSONL in its own folder
@@ -133,7 +132,7 @@ def collect_runs(manifest: Manifest) -> list[Run]:
                 config=read_json_lenient(r.dir.config_file) or {},
                 rows=[row for row in read_metrics(r.dir.metrics_file) if isinstance(row, dict)],
                 summary=summary if isinstance(summary, dict) else None,
-                lineage_metrics=r.entry.get("metrics", {}),
+                final_metrics=r.record.get("metrics", {}),
                 stale_inputs=r.stale_inputs,
             )
         )
