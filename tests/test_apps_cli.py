@@ -152,6 +152,13 @@ def test_bad_generations_exit_2(tmp_path: Path, small: Path, capsys) -> None:
         args = ["--problems", str(small), "--out", str(tmp_path / "o2"), "--timeout", timeout]
         assert cli("apps-eval", str(good), *args) == 2
         assert "timeout must be a positive, finite number" in capsys.readouterr().err
+    # --out = the generations or the problems file would overwrite them; a folder is no file
+    for target in (good, small):
+        before = target.read_bytes()
+        assert cli("apps-eval", str(good), "--problems", str(small), "--out", str(target)) == 2
+        assert "input file" in capsys.readouterr().err and target.read_bytes() == before
+    assert cli("apps-eval", str(good), "--problems", str(small), "--out", str(tmp_path)) == 2
+    assert "is a folder" in capsys.readouterr().err
 
 
 def test_load_problems_formats(tmp_path: Path, small: Path) -> None:

@@ -211,6 +211,16 @@ def test_bad_input_exits_2(project: Path, tiny_model_dir: Path, rm_dir: Path, ca
     code, err = exit_code(capsys, "infer", *m, "--model", str(tiny_model_dir),
                           "--reward-model", str(rm_dir), "--out", str(bad))  # fmt: skip
     assert code == 2 and "bad.jsonl, line 2: not valid JSON" in err
+    # the data file as --out would be appended to: refused before any row is made
+    data = project.parent / "data.jsonl"
+    data.write_text("".join(
+        json.dumps({"prompt": f"question {i}", "chosen": f"answer {i}"}) + "\n" for i in range(12)
+    ))  # fmt: skip
+    before = data.read_bytes()
+    code, err = exit_code(capsys, "infer", *m, "--set", "data.dataset=\"jsonl\"",
+                          "--set", f"data.path=\"{data}\"", "--model", str(tiny_model_dir),
+                          "--reward-model", str(rm_dir), "--out", str(data))  # fmt: skip
+    assert code == 2 and "input file" in err and data.read_bytes() == before
     # as a user sees it: a message, no traceback
     proc = run_cli("infer", *m, "--reward-model", str(rm_dir))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

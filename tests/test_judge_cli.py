@@ -351,6 +351,10 @@ def test_api_key_comes_from_the_environment_only(tmp_path, server, capsys, monke
     )
     assert code == 2 and "MY_JUDGE_KEY" in text
     assert not out.exists()
+    # a password in the URL is not shown either
+    url = "https://user:hunter2@judge.example.com/v1"
+    code, text = run(["judge", str(a), str(b), "--out", str(out), "--base-url", url], capsys)
+    assert code == 2 and "judge.example.com" in text and "hunter2" not in text
     # A local server needs no key: a dummy one is sent.
     server.responder = policy({})
     code, text = run(judge_args(a, b, out, server.base_url), capsys)
@@ -417,6 +421,15 @@ def test_bad_inputs_exit_2_naming_the_problem(tmp_path, capsys) -> None:
     assert code == 2 and "nope.jsonl" in text
     code, text = run(["judge", str(a), str(a), "--out", str(out), "--template", "nope"], capsys)
     assert code == 2 and "nope" in text
+    # --out (or --cache) may not be an input, which the run would overwrite; nor a folder
+    b.write_text(a.read_text())
+    before = a.read_bytes()
+    for args in (["--out", str(a)], ["--out", str(out), "--cache", str(b)]):
+        code, text = run(["judge", str(a), str(b), *args, "--dry-run"], capsys)
+        assert code == 2 and "input file" in text and "Traceback" not in text
+    assert a.read_bytes() == before
+    code, text = run(["judge", str(a), str(b), "--out", str(tmp_path), "--dry-run"], capsys)
+    assert code == 2 and "is a folder" in text
 
 
 def test_manifest_defaults_and_first_sample_per_id(tmp_path, server, capsys) -> None:

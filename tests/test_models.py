@@ -85,3 +85,24 @@ def test_a_causal_lm_is_not_accepted_as_a_reward_model(tiny_model_dir: Path) -> 
     assert backbone.score.weight.shape[0] == 1
     with pytest.raises(UserError, match="not a reward model: it has no trained score head"):
         load_reward_model(tiny_model_dir, pad_token_id=0, trained_head=True)
+
+
+def test_a_reward_model_or_a_run_folder_is_not_taken_for_a_policy(
+    tiny_model_dir: Path, rm_dir: Path, tmp_path: Path
+) -> None:
+    """A reward model's folder loads as a causal LM without complaint (its embeddings are tied):
+    refused by name. A run folder (its model is in model/) is not a model folder."""
+    import shutil
+
+    from wprctl.models import load_causal_lm
+
+    with pytest.raises(UserError, match="a sequence-classification model .*not a causal language"):
+        load_causal_lm(rm_dir)
+    run = tmp_path / "runs" / "sft"
+    shutil.copytree(tiny_model_dir, run / "model")
+    (run / "state.json").write_text("{}")
+    with pytest.raises(UserError, match=f"no config.json .*its model is in {run / 'model'}"):
+        load_causal_lm(run)
+    with pytest.raises(UserError, match="cannot load the tokenizer: no tokenizer_config.json"):
+        load_tokenizer(run)
+    assert load_causal_lm(run / "model").config.architectures == ["LlamaForCausalLM"]

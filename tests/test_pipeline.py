@@ -91,6 +91,14 @@ def test_run_resumes_a_killed_stage(tmp_path: Path) -> None:
     assert "rm: resumed from step" in res.stdout
     status = json.loads(run_cli("status", "-m", manifest, *sets, "--json").stdout)
     assert [r["status"] for r in status["stages"]][:2] == ["finished", "finished"]
+    # a stage redone: the stages that read it are said to be stale when skipped
+    res = run_cli("run", "-m", manifest, *sets, "--from", "sft", "--to", "sft", "--force")
+    assert res.returncode == 0 and "sft (sft) — starting over" in res.stdout, res.stderr[-3000:]
+    res = run_cli("run", "-m", manifest, *sets)
+    flat = " ".join(res.stdout.split())
+    assert "rm: finished earlier, skipped (stale: sft redone since;" in flat
+    res = run_cli("run", "-m", manifest, *sets, "--from", "rm", "--to", "sft")
+    assert res.returncode == 2 and "--from 'rm' comes after --to 'sft'" in res.stderr
 
 
 def test_run_from_to_and_unknown_stage(tmp_path: Path) -> None:
@@ -124,3 +132,42 @@ def test_paper_pipelines_start_offline_on_local_data(
     state = json.loads((tmp_path / "runs" / "sft" / "state.json").read_text())
     assert state["status"] == "finished" and state["metrics"]["steps"] == 2.0
     assert (tmp_path / "runs" / "sft" / "model" / "config.json").exists()
+
+
+def test_run_with_two_processes_launches_each_stage_by_itself(tmp_path: Path) -> None:
+    """The ranks launched for a stage run that stage only. They used to run `wprctl run` again,
+    and went on to the later stages themselves: unprepared (no config.json), each eval stage
+    once per rank, the summary printed once per rank."""
+    res = run_cli("init", str(tmp_path), "--template", "demo")
+    assert res.returncode == 0
+    sets = ["--set", 'stages=["sft", "rm"]', "--set", "model.tiny.hidden_size=32", "--set", "model.tiny.intermediate_size=64",
+            "--set", "data.demo.n_train=300", "--set", "data.demo.n_validation=40", "--set", "sft.max_steps=4",
+            "--set", "rm.max_steps=4", "--set", "rm.batch_size=8", "--set", "sft.batch_size=8"]  # fmt: skip
+    res = run_cli("run", "-m", str(tmp_path / "wprctl.toml"), *sets, "--num-processes", "2")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rules = [line for line in res.stdout.splitlines() if line.startswith("───")]
+    assert len(rules) == 2 and "sft (sft)" in rules[0] and "rm (rm)" in rules[1], rules
+    assert res.stdout.count("rm: done after 4 steps") == 1
+    assert "finished earlier, skipped" not in res.stdout
+    for stage in ("sft", "rm"):
+        config = json.loads((tmp_path / "runs" / stage / "config.json").read_text())
+        assert config["world_size"] == 2
+
+
+def test_run_force_redoes_a_finished_evaluation_stage(
+    quickstart_small: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    """An evaluation stage (here apps-eval) has no command of its own to --force: `run --force`
+    redoes it, and the run it replaced is not kept once the new one finished."""
+    root, res = quickstart_small
+    assert res.returncode == 0
+    manifest = str(root / "wprctl.toml")
+    state_file = root / "runs" / "apps-reference" / "state.json"
+    before = json.loads(state_file.read_text())["finished"]
+    res = run_cli("run", "-m", manifest, "--from", "apps-reference", "--to", "apps-reference",
+                  "--force")  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    state = json.loads(state_file.read_text())
+    assert state["status"] == "finished" and state["finished"] > before
+    assert (root / "runs" / state["outputs"]["summary"]).exists()  # stored relative to runs/
+    assert not (root / "runs" / ".replaced" / "apps-reference").exists()

@@ -427,6 +427,11 @@ def test_missing_output_dir_exits_2_naming_it(tmp_path: Path, capsys) -> None:
     assert code == 2
     assert str(project.out) in output.replace("\n", "") and "project.output_dir" in output
     assert "Traceback" not in output
+    project.out.mkdir()
+    taken = tmp_path / "a-file"
+    taken.write_text("x")
+    code, output = report(capsys, "-m", str(project.manifest), "--out", str(taken))
+    assert code == 2 and "a-file" in output and "Traceback" not in output
 
 
 def test_missing_manifest_exits_2(tmp_path: Path, capsys) -> None:

@@ -121,3 +121,9 @@ def test_bad_input_exits_2(tmp_path, capsys) -> None:
     code, text = run(["sample", str(noid), "--out", str(out)], capsys)
     assert code == 2 and "'id'" in text and "line 1" in text
     assert not out.exists()
+    # the input itself, or a folder, as --out: refused before anything is written
+    before = good.read_bytes()
+    code, text = run(["sample", str(good), "--out", str(good)], capsys)
+    assert code == 2 and "input file" in text and good.read_bytes() == before
+    code, text = run(["sample", str(good), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "is a folder" in text and "Traceback" not in text

@@ -205,6 +205,7 @@ def test_a_live_run_is_not_touched_by_a_second_process_and_ctrl_c_checkpoints_an
         f"resuming sft with changed settings: sft.max_steps {step - 1} -> {step + 2}" in res.stdout
     )
     state = json.loads((tmp_path / "runs" / "sft" / "state.json").read_text())
+    assert state["status"] == "finished" and "error" not in state  # the stop is over
     assert [r["changed"] for r in state["resumes"]] == [
         {"sft.max_steps": [None, step - 1]},
         {"sft.max_steps": [step - 1, step + 2]},

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +36,21 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     except UnicodeDecodeError as exc:
         raise UserError(f"{p}: not UTF-8 text ({exc.reason})") from None
     return rows
+
+
+def check_output_file(out: Path, inputs: Iterable[str | Path] = (), option: str = "--out") -> None:
+    """Before any work: ``out`` can be written as a file, and is none of the ``inputs``.
+
+    Writing an input in place (``--out`` = the file being read, easily done with tab completion)
+    would replace a stage's output, or generations, with this command's result: refused."""
+    if out.is_dir():
+        raise UserError(f"{option} {out}: is a folder; give a file name, e.g. {out / 'out.jsonl'}")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"{option} {out}: {parent} is a file, not a folder")
+    for source in inputs:
+        if out.exists() and Path(source).exists() and os.path.samefile(out, source):
+            raise UserError(
+                f"{option} {out}: that is the input file {source}, which writing would destroy; "
+                "give another file name"
+            )

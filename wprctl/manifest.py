@@ -367,7 +367,7 @@ class VariantConfig(Section):
     @classmethod
     def _name(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
-            raise ValueError(f"variant names are letters, digits, '-', '_' or '.', got {v!r}")
+            raise ValueError("variant names are letters, digits, '-', '_' or '.'")
         return v
 
 

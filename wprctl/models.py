@@ -162,7 +162,24 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
+    _check_not_a_classifier(source)
     return _load(AutoModelForCausalLM, source, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _check_not_a_classifier(source: str | Path) -> None:
+    # A reward model's folder loads as a causal LM without complaint when its embeddings are tied
+    # (the LM head is the embedding matrix): the "policy" would then be the reward model's
+    # backbone with no trained head.
+    config = Path(source).expanduser() / "config.json"
+    try:
+        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return  # a hub id, or a config that _load reports on
+    if architectures and all(a.endswith("ForSequenceClassification") for a in architectures):
+        raise UserError(
+            f"{source}: a sequence-classification model ({architectures[0]}, e.g. a reward "
+            "model), not a causal language model to generate with"
+        )
 
 
 def load_reward_model(
@@ -225,6 +242,13 @@ def load_errors() -> tuple[type[Exception], ...]:
     return (OSError, ValueError, json.JSONDecodeError, RuntimeError, SafetensorError)
 
 
+# what a local folder needs, at least one of, to hold a model or a tokenizer
+_FOLDER_FILES = {
+    "model": ("config.json", "adapter_config.json"),  # a PEFT adapter names its base model
+    "tokenizer": ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json"),
+}
+
+
 def _check_folder(source: str | Path, what: str) -> None:
     path = Path(source).expanduser()
     if path.is_dir() and not any(path.iterdir()):
@@ -235,6 +259,13 @@ def _check_folder(source: str | Path, what: str) -> None:
     looks_local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
     if looks_local and not path.exists():
         raise UserError(f"{source}: cannot load the {what}: no such folder")
+    needs = _FOLDER_FILES[what]
+    if path.is_dir() and not any((path / name).exists() for name in needs):
+        inner = path / "model"  # a run folder given for its model
+        hint = f"; its model is in {inner}" if (inner / needs[0]).exists() else ""
+        raise UserError(
+            f"{source}: cannot load the {what}: no {' or '.join(needs)} in the folder{hint}"
+        )
 
 
 def _first_line(exc: BaseException) -> str:

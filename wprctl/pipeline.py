@@ -19,12 +19,15 @@ from wprctl.console import console, print_table, short_metrics
 from wprctl.errors import StopRequested, UserError
 from wprctl.manifest import Manifest, load_manifest
 from wprctl.runs import (
+    RunDir,
     finish_run,
     note_input,
     note_output_path,
     prepare_run,
     read_lineage,
     run_dir,
+    settle_replaced,
+    stale_inputs,
 )
 
 TRAINING = ("sft", "rm", "ppo", "dar")
@@ -47,6 +50,10 @@ def select_stages(manifest: Manifest, start: str | None, stop: str | None) -> li
             raise UserError(f"{label} {value!r}: not in the manifest's stages ({', '.join(names)})")
     i = names.index(start) if start else 0
     j = names.index(stop) + 1 if stop else len(names)
+    if i >= j:
+        raise UserError(
+            f"--from {start!r} comes after --to {stop!r} in the manifest's stages ({', '.join(names)})"
+        )
     return names[i:j]
 
 
@@ -57,6 +64,10 @@ def _sets(values: dict[str, Any]) -> list[str]:
         # JSON spells strings, numbers, booleans and lists the way TOML reads them.
         args += ["--set", f"{key}={json.dumps(value)}"]
     return args
+
+
+def _set_args(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
 
 
 def _jsonl_of(manifest: Manifest, ref: str, what: str) -> str:
@@ -78,12 +89,33 @@ def _invoke(args: list[str]) -> None:
 
 
 def _eval_stage(
-    manifest_path: Path, overrides: list[str], base: Manifest, name: str, kind: str
+    manifest_path: Path,
+    overrides: list[str],
+    base: Manifest,
+    name: str,
+    kind: str,
+    *,
+    force: bool = False,
 ) -> dict[str, float]:
     variant = base.variant(name)
     m = base.for_variant(name) if variant else base
-    sets = [a for o in overrides for a in ("--set", o)] + _sets(variant.set if variant else {})
-    run, _ = prepare_run(m, name, kind, resume=True, force=False)
+    run, _ = prepare_run(m, name, kind, resume=not force, force=force)
+    try:
+        metrics = _eval_outputs(manifest_path, overrides, m, run, name, kind)
+    except BaseException:
+        if note := settle_replaced(m, run, succeeded=False):
+            console.print(f"[yellow]{note}[/]")
+        raise
+    settle_replaced(m, run, succeeded=True)
+    return metrics
+
+
+def _eval_outputs(
+    manifest_path: Path, overrides: list[str], m: Manifest, run: RunDir, name: str, kind: str
+) -> dict[str, float]:
+    """Run one evaluation stage's command into its run folder and finish the run."""
+    variant = m.variant(name)
+    sets = _set_args(overrides) + _sets(variant.set if variant else {})
     common = ["-m", str(manifest_path), *sets]
     outputs: dict[str, str] = {}
     metrics: dict[str, float] = {}
@@ -111,9 +143,10 @@ def _eval_stage(
         gen = m.apps.generations
         if not gen:
             raise UserError(f"stage {name!r}: an apps-eval stage needs apps.generations")
-        problems = m.apps.problems or m.data.path
-        if not problems:
+        if not (m.apps.problems or m.data.path):
             raise UserError(f"stage {name!r}: apps-eval needs apps.problems or data.path")
+        # passed on the command line, where a relative path is the working directory's
+        problems = m.locate(m.apps.problems or m.data.path or "")
         if gen in ("reference", "weakened"):
             from wprctl.codeexec import load_problems, reference_generations
 
@@ -130,7 +163,7 @@ def _eval_stage(
         outputs["jsonl"] = str(out)
         metrics = _summary_metrics(out, ("strict_accuracy", "test_case_average"))
     elif kind == "report":
-        _invoke(["report", "-m", str(manifest_path), *[a for o in overrides for a in ("--set", o)]])
+        _invoke(["report", "-m", str(manifest_path), *_set_args(overrides)])
         outputs["report"] = str(m.output_dir / "report")
     else:  # pragma: no cover - the manifest validates stage kinds
         raise UserError(f"stage {name!r}: unknown kind {kind!r}")
@@ -166,7 +199,9 @@ def run_pipeline(
     start: str | None = None,
     stop: str | None = None,
     num_processes: int | None = None,
+    force: bool = False,
 ) -> list[StageOutcome]:
+    """``force``: the selected stages start over, finished or not (as each stage's --force)."""
     from wprctl.stages import execute_stage
 
     overrides = list(overrides or [])
@@ -177,27 +212,42 @@ def run_pipeline(
         kind = variant.stage if variant else name
         run = run_dir(base, name, kind)
         status = run.status
-        if status == "finished":
+        if status == "finished" and not force:
             state = run.state()
             outcomes.append(
                 StageOutcome(
                     name, kind, "skipped", 0.0, state.get("metrics", {}), _main_output(state)
                 )
             )
-            console.print(f"[dim]{name}: finished earlier, skipped[/]")
+            stale = stale_inputs(read_lineage(base), name)
+            console.print(
+                f"[dim]{name}: finished earlier, skipped[/]"
+                + (
+                    f" [yellow](stale: {', '.join(stale)} redone since; `wprctl run --from {name} "
+                    f"--to {name} --force` redoes it)[/]"
+                    if stale
+                    else ""
+                )
+            )
             continue
         console.rule(
-            f"[bold]{name}[/] ({kind})" + (" — resuming" if status not in ("absent",) else "")
+            f"[bold]{name}[/] ({kind})"
+            + (" — starting over" if force and status != "absent" else "")
+            + (" — resuming" if not force and status != "absent" else "")
         )
         t0 = time.time()
         try:
             if kind in TRAINING:
+                # ranks started for this stage run this stage's command, not the whole pipeline
+                argv = [kind, "-m", str(manifest_path), *_set_args(overrides)]
+                argv += ["--variant", name] if variant else []
                 metrics = execute_stage(
                     kind, manifest_path, overrides, variant=name if variant else None,
-                    resume=status != "absent", num_processes=num_processes,
+                    resume=status != "absent" and not force, force=force,
+                    num_processes=num_processes, argv=argv,
                 ) or {}  # fmt: skip
             else:
-                metrics = _eval_stage(manifest_path, overrides, base, name, kind)
+                metrics = _eval_stage(manifest_path, overrides, base, name, kind, force=force)
         except BaseException as exc:
             how = "stopped" if isinstance(exc, StopRequested) else "failed"
             outcomes.append(StageOutcome(name, kind, how, time.time() - t0, {}, str(run.root)))

@@ -153,9 +153,10 @@ class RunDir:
     def update_state(self, **fields: Any) -> None:
         if not is_main_process():
             return
+        """Set ``fields`` in state.json; a field set to None is removed."""
         state = _read_json(self.state_file) or {}
         state.update(fields)
-        _write_json_atomic(self.state_file, state)
+        _write_json_atomic(self.state_file, {k: v for k, v in state.items() if v is not None})
 
 
 def run_dir(manifest: Manifest, name: str, kind: str | None = None) -> RunDir:
@@ -220,6 +221,10 @@ def prepare_run(
             pid=os.getpid(),
             pid_started=_process_started(os.getpid()),
             host=socket.gethostname(),
+            # how the last attempt ended: this one speaks for the run now
+            error=None,
+            failed=None,
+            stopped=None,
         )
     return run, resuming
 

@@ -54,6 +54,7 @@ def apps_eval(
     from wprctl.codeexec.executor import check_samples, folders_of
     from wprctl.codeexec.partial import PartialResults, fingerprint
     from wprctl.console import console
+    from wprctl.jsonl import check_output_file
 
     apps = _apps_section(manifest, overrides)
     ks = _parse_k(k) if k is not None else list(apps.k)
@@ -68,6 +69,7 @@ def apps_eval(
         raise UserError(
             "no APPS problems given: pass --problems FILE|HUB_ID (or set apps.problems in the manifest)"
         )
+    check_output_file(out, [generations, source])
     rows = read_generations(generations)
     problem_set = load_problems(source)
     samples = [(r["id"], r["response"]) for r in rows]

@@ -45,7 +45,7 @@ def resolve_api_key(env_name: str, base_url: str | None) -> str:
         return key
     if is_local(base_url):
         return LOCAL_DUMMY_KEY
-    target = base_url or "the OpenAI API"
+    target = public_url(base_url) or "the OpenAI API"
     raise UserError(
         f"environment variable {env_name} is not set: the judge's API key for {target} is read "
         f"from the environment only. Export {env_name}=..., or name another variable with "
@@ -182,6 +182,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Pairwise LLM judging of two inference files (A's point of view), resumable and cached."""
         from wprctl.console import err_console
+        from wprctl.jsonl import check_output_file
         from wprctl.judge.cost import price_for
         from wprctl.judge.io import load_responses, pair_responses
         from wprctl.judge.oracle import serve_builtin
@@ -213,7 +214,15 @@ def register(app: typer.Typer) -> None:
                 "(USD per million prompt and completion tokens), e.g. "
                 f"--set 'judge.prices={{\"{cfg.model}\" = [5.0, 15.0]}}'"
             )
+        cache_path = cache if cache is not None else out.parent / "judge_cache.sqlite"
+        check_output_file(out, [file_a, file_b])
+        check_output_file(cache_path, [file_a, file_b, out], option="--cache")
         pairs, notes = pair_responses(load_responses(file_a), load_responses(file_b))
+        if file_a.resolve() == file_b.resolve():
+            notes.insert(
+                0,
+                f"A and B are the same file ({file_a}): every pair compares a response with itself",
+            )
         for note in notes:
             err_console.print(f"[yellow]note:[/] {note}")
         settings = RunSettings(
@@ -227,7 +236,6 @@ def register(app: typer.Typer) -> None:
             price=price,
         )
         plans = plan(pairs, tmpl, settings)
-        cache_path = cache if cache is not None else out.parent / "judge_cache.sqlite"
 
         if dry_run:
             est = estimate(plans, out, cache_path, tmpl, settings)

@@ -100,13 +100,20 @@ def run(
         str | None, typer.Option("--to", help="Stop after this stage (a name in `stages`).")
     ] = None,
     num_processes: NumProcOpt = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Start the selected stages over, finished ones too (pick them with --from/--to).",
+        ),
+    ] = False,
 ) -> None:
     """Run the manifest's `stages` in order: finished ones are skipped, partial ones resumed, and the
     first failure stops the run. Named \\[\\[variants]] (e.g. PPO with kl and with wpr) get their own
     output folders. Ends with a summary table."""
     from wprctl.pipeline import run_pipeline
 
-    run_pipeline(manifest, set_, start=from_, stop=to, num_processes=num_processes)
+    run_pipeline(manifest, set_, start=from_, stop=to, num_processes=num_processes, force=force)
 
 
 def quickstart(

@@ -36,9 +36,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Draw the paper's evaluation subset: n ids, seeded; stratified: at most 5 per stratum, topped up at random."""
         from wprctl.console import console, err_console
+        from wprctl.jsonl import check_output_file
         from wprctl.judge.io import write_jsonl_atomic
         from wprctl.judge.subset import sample_file
 
+        check_output_file(out, [file])
         subset = sample_file(file, n=n, seed=seed, stratify=stratify, per_stratum=per_stratum)
         if subset.available < n:
             err_console.print(

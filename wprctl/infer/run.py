@@ -24,6 +24,7 @@ from wprctl.data.base import Example
 from wprctl.errors import UserError
 from wprctl.infer.output import append_rows, check_settings, read_rows, settings_file
 from wprctl.infer.summary import SUMMARY_TASKS, print_summary, rouge_figures, row_figures
+from wprctl.jsonl import check_output_file
 from wprctl.manifest import InferConfig, Manifest
 
 POLICY_KINDS = ("ppo", "dar", "sft")
@@ -349,6 +350,7 @@ def _plan(
     out = Path(cfg.out) if cfg.out else default_out(manifest, label, split)
     if not out.is_absolute():
         out = manifest.root / out
+    check_output_file(out, [manifest.locate(manifest.data.path)] if manifest.data.path else [])
     settings = {
         "model": label,
         "model_path": str(policy_path.resolve()) if policy_path else None,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wprctl.errors import UserError
 from wprctl.manifest import Manifest
 from wprctl.report.collect import POLICY_KINDS, Run, collect_runs, of_kind
 from wprctl.report.figures import (
@@ -92,7 +93,12 @@ def build_report(manifest: Manifest, out_dir: Path | None = None) -> Report:
     """Read every run, draw the figures into out_dir and return what the index shows."""
     runs = collect_runs(manifest)
     out_dir = out_dir or manifest.output_dir / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, a read-only place
+        raise UserError(
+            f"{out_dir}: cannot make the report folder there ({exc.strerror})"
+        ) from None
     names_by_file = _names_by_file(runs)
     sections: list[Section] = []
 

@@ -40,9 +40,13 @@ def resolve_variant(manifest: Manifest, kind: str, variant: str | None) -> tuple
             + (f"; {kind} variants: {', '.join(names)}" if names else "")
         )
     if v.stage != kind:
-        raise UserError(
-            f"variant {variant!r} is of stage {v.stage}, not {kind}; run `wprctl {v.stage} --variant {variant}`"
+        # infer, judge and apps-eval take their variants through `wprctl run` only
+        how = (
+            f"wprctl {v.stage} --variant {variant}"
+            if v.stage in STAGE_MODULES
+            else f"wprctl run --from {variant} --to {variant}"
         )
+        raise UserError(f"variant {variant!r} is of stage {v.stage}, not {kind}; run `{how}`")
     return manifest.for_variant(variant), variant
 
 
