@@ -179,6 +179,28 @@ def test_variant_and_cross_key_errors_name_their_own_lines(tmp_path: Path) -> No
     p = _write(tmp_path, '\nstages = ["sft", "c"]\n')
     with pytest.raises(UserError, match=r"stages \(line 2\): unknown stage 'c'"):
         load_manifest(p)
+    p = _write(tmp_path, '[[variants]]\nname = "../x"\nstage = "ppo"\n')
+    with pytest.raises(UserError) as err:
+        load_manifest(p)
+    assert str(err.value).count("'../x'") == 1  # said once, not "got '../x' (got '../x')"
+
+
+def test_a_variant_run_by_the_wrong_stage_command_is_told_the_right_one(tmp_path: Path) -> None:
+    from wprctl.stages import resolve_variant
+
+    block = '[[variants]]\nname = "{}"\nstage = "{}"\n'
+    m = load_manifest(
+        _write(tmp_path, block.format("ppo-kl", "ppo") + block.format("gens", "infer"))
+    )
+    with pytest.raises(
+        UserError, match=r"of stage ppo, not dar; run `wprctl ppo --variant ppo-kl`"
+    ):
+        resolve_variant(m, "dar", "ppo-kl")
+    # an evaluation stage has no command with --variant: `run` is the way to it
+    with pytest.raises(
+        UserError, match=r"of stage infer, not ppo; run `wprctl run --from gens --to gens`"
+    ):
+        resolve_variant(m, "ppo", "gens")
 
 
 def test_cli_exit_codes_for_broken_manifests(tmp_path: Path) -> None:

@@ -129,3 +129,10 @@ def test_cost_graph_reads_words_as_in_running_text(tiny_model_dir: Path, tmp_pat
     assert res.returncode == 0, res.stderr
     got = [t["token_id"] for t in json.loads(res.stdout)["tokens"]]
     assert got == [spaced[0], spaced[0], int(digits)]
+    # two words: the first as in a sentence too; an empty word is no token
+    res = run_cli("cost-graph", "--model", str(tiny_model_dir), "--k", "5", "--json",
+                  f"{word} {word}", cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["tokens"][0]["token_id"] == spaced[0]
+    res = run_cli("cost-graph", "--model", str(tiny_model_dir), "--k", "5", "", cwd=tmp_path)
+    assert res.returncode == 2 and "is no word" in res.stderr

@@ -10,6 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+from wprctl.errors import UserError
 from wprctl.manifest import load_manifest
 from wprctl.runs import finish_run, owner_alive, prepare_run, resolve_model_ref, run_dir
 
@@ -162,3 +165,22 @@ def test_a_force_run_killed_before_its_first_checkpoint_does_not_cost_the_run_it
     assert settle_replaced(manifest, run, succeeded=False)  # e.g. bad input in the new run
     assert run.status == "finished" and (run.model_dir / "weights").read_text() == "finished"
     assert not run.replaced_dir.exists()
+
+
+def test_a_model_input_that_names_an_evaluation_stage_says_so(tmp_path: Path) -> None:
+    path = _project(tmp_path / "p")
+    path.write_text(
+        path.read_text() + '[[variants]]\nname = "gens"\nstage = "infer"\n'
+        '[[variants]]\nname = "ppo-kl"\nstage = "ppo"\n'
+    )
+    manifest = load_manifest(path)
+    run, _ = prepare_run(manifest, "gens", "infer", resume=False, force=False)
+    finish_run(manifest, run, {"jsonl": str(run.root / "samples.jsonl")}, {})
+    with pytest.raises(UserError, match="'gens' is not a training stage .*of stage infer"):
+        resolve_model_ref(manifest, "gens", what="infer.model")
+    with pytest.raises(
+        UserError, match=r"'ppo-kl' has no finished output .*`wprctl ppo --variant ppo-kl`"
+    ):
+        resolve_model_ref(manifest, "ppo-kl", what="infer.model")
+    with pytest.raises(UserError, match="'nope' is neither a finished stage"):
+        resolve_model_ref(manifest, "nope")

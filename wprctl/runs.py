@@ -476,9 +476,12 @@ def stale_inputs(lineage: dict[str, Any], name: str) -> list[str]:
     return sorted(redone)
 
 
+TRAINING_KINDS = ("sft", "rm", "ppo", "dar")  # the stages that make a model
+
+
 def names_a_run(manifest: Manifest, ref: str) -> bool:
     """A training stage's or a variant's name, as opposed to a path."""
-    return manifest.variant(ref) is not None or ref in ("sft", "rm", "ppo", "dar")
+    return manifest.variant(ref) is not None or ref in TRAINING_KINDS
 
 
 def resolve_model_ref(manifest: Manifest, ref: str, *, what: str = "model") -> Path:
@@ -493,12 +496,19 @@ def resolve_model_ref(manifest: Manifest, ref: str, *, what: str = "model") -> P
     if path.exists():
         note_output_path(lineage, path, "model")
         return path
+    variant = manifest.variant(ref)
+    kind = variant.stage if variant else lineage.get(ref, {}).get("kind")
+    if kind is not None and kind not in TRAINING_KINDS:
+        raise UserError(
+            f"{what}: {ref!r} is not a training stage (it is of stage {kind}, which makes no "
+            "model); name a training stage or variant, or a model folder"
+        )
     if names_a_run(manifest, ref):
         state = run_dir(manifest, ref).status
+        command = f"wprctl {kind} --variant {ref}" if variant else f"wprctl {ref}"
         raise UserError(
             f"{what}: stage {ref!r} has no finished output under {manifest.output_dir} "
-            f"(its status is {state}). Run `wprctl {manifest.variant(ref).stage if manifest.variant(ref) else ref}` first "
-            f"or point to a model folder."
+            f"(its status is {state}). Run `{command}` first or point to a model folder."
         )
     raise UserError(f"{what}: {ref!r} is neither a finished stage of this project nor a path")
 

@@ -70,6 +70,10 @@ def _token_id(tokenizer: Any, word: str, vocab: int) -> tuple[int, str | None]:
     space ("Ġcar"); tokenized alone, "car" is another, rarer token or several pieces. The word in
     running text is what a user means, so " word" is tried first when it is one token.
     """
+    if not word.strip():  # " " alone is the bare space token: not what an empty word means
+        raise UserError(
+            f"cost-graph: {word!r} is no word; give the space token by its string or id"
+        )
     spaced = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
     if len(spaced) == 1 and not word.isdigit():
         return int(spaced[0]), None
@@ -83,7 +87,8 @@ def _token_id(tokenizer: Any, word: str, vocab: int) -> tuple[int, str | None]:
                 f"cost-graph: token id {tid} is outside the vocabulary [0, {vocab - 1}]"
             )
         return tid, None
-    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    # several pieces in running text as well: its first, as in a sentence ("car car" -> "Ġcar")
+    ids = spaced or tokenizer(word, add_special_tokens=False)["input_ids"]
     if not ids:
         raise UserError(f"cost-graph: {word!r} tokenizes to nothing")
     note = None
