@@ -134,6 +134,13 @@ def test_bad_generations_exit_2(tmp_path: Path, small: Path, capsys) -> None:
     gens.write_text('{"id": "1", "response": "x"}\n{"response": "no id"}\n')
     assert cli("apps-eval", str(gens), "--problems", str(small), "--out", str(tmp_path / "o")) == 2
     assert "line 2" in capsys.readouterr().err
+    gens.write_text(
+        '{"id": "1", "response": "a", "sample": 0}\n{"id": "1", "response": "b", "sample": 0}\n'
+    )
+    assert cli("apps-eval", str(gens), "--problems", str(small), "--out", str(tmp_path / "o")) == 2
+    assert "line 2: problem 1 sample 0 is also on line 1" in " ".join(
+        capsys.readouterr().err.split()
+    )
     assert cli("apps-eval", str(gens), "--problems", str(small), "--k", "0,x", "--out", "o") == 2
     assert (
         cli("apps-eval", str(tmp_path / "missing.jsonl"), "--problems", str(small), "--out", "o")

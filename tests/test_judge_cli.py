@@ -395,6 +395,9 @@ def test_dry_run_requests_and_writes_nothing(tmp_path, server, capsys) -> None:
     run(judge_args(a, b, out, server.base_url), capsys)
     code, text = run(judge_args(a, b, out, server.base_url, "--dry-run"), capsys)
     assert code == 0 and re.search(r"API calls needed\s*│\s*0\b", text)
+    # a file judged against itself is allowed (a sanity check), but said
+    code, text = run(["judge", str(a), str(a), "--out", str(out), "--dry-run"], capsys)
+    assert code == 0 and "A and B are the same file" in " ".join(text.split())
 
 
 def test_bad_inputs_exit_2_naming_the_problem(tmp_path, capsys) -> None:

@@ -135,6 +135,12 @@ def test_a_run_whose_input_was_redone_reads_as_stale(tmp_path: Path) -> None:
     assert row["outputs"] == {} and row["metrics"] == {}
     assert again.summary is None and again.last("reward_mean") is None
 
+    # a finished run whose model was deleted since is said to miss it
+    assert next(r for r in stage_status(manifest) if r["name"] == "rm")["missing_outputs"] == []
+    shutil.rmtree(manifest.output_dir / "rm" / "model")
+    row = next(r for r in stage_status(manifest) if r["name"] == "rm")
+    assert row["status"] == "finished" and row["missing_outputs"] == ["model"]
+
 
 def test_a_force_run_killed_before_its_first_checkpoint_does_not_cost_the_run_it_replaced(
     tmp_path: Path,

@@ -110,6 +110,8 @@ def test_bad_input_exits_2(tmp_path, capsys) -> None:
     out = tmp_path / "out.jsonl"
     code, text = run(["sample", str(tmp_path / "missing.jsonl"), "--out", str(out)], capsys)
     assert code == 2 and "missing.jsonl" in text and "Traceback" not in text
+    code, text = run(["sample", str(tmp_path), "--out", str(out)], capsys)
+    assert code == 2 and "a folder (expected a JSONL file" in " ".join(text.split())
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1}\n\n{"id": 2\n')
     code, text = run(["sample", str(bad), "--out", str(out)], capsys)

@@ -15,7 +15,8 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line; any bad line is a UserError naming it."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{p}: file not found (expected a JSONL file, one JSON object per line)")
+        what = "a folder" if p.is_dir() else "file not found"
+        raise UserError(f"{p}: {what} (expected a JSONL file, one JSON object per line)")
     rows: list[tuple[int, dict[str, Any]]] = []
     try:
         with p.open(encoding="utf-8-sig") as fh:  # a BOM would spoil line 1

@@ -67,6 +67,12 @@ def stage_status(manifest: Manifest) -> list[dict[str, Any]]:
                 "stale_inputs": r.stale_inputs,
                 # the run a --force run replaces, kept until that one finishes or checkpoints
                 "set_aside": str(r.dir.replaced_dir) if r.dir.replaced_dir.exists() else None,
+                # a finished run's outputs deleted or moved since: what reads them will fail
+                "missing_outputs": sorted(
+                    key
+                    for key, path in r.record.get("outputs", {}).items()
+                    if r.status == "finished" and isinstance(path, str) and not Path(path).exists()
+                ),
             }
         )
     return rows

@@ -153,6 +153,7 @@ def read_generations(path: Path) -> list[dict[str, Any]]:
     """Rows `{id, response, sample}`; a row with a `responses` list becomes one row per entry."""
     rows: list[dict[str, Any]] = []
     counters: dict[str, int] = {}
+    lines: dict[tuple[str, int], int] = {}  # where each (id, sample) was read
     for n, row in read_jsonl(path):
         if "id" not in row:
             raise UserError(
@@ -173,6 +174,12 @@ def read_generations(path: Path) -> list[dict[str, Any]]:
                 sample = counters.get(pid, 0)
             if not isinstance(sample, int):
                 raise UserError(f"{path}, line {n}: `sample` must be an integer, got {sample!r}")
+            if (pid, sample) in lines:  # counted twice, it would pass twice in pass@k
+                raise UserError(
+                    f"{path}, line {n}: problem {pid} sample {sample} is also on line "
+                    f"{lines[pid, sample]}; each (id, sample) may appear once"
+                )
+            lines[pid, sample] = n
             counters[pid] = max(counters.get(pid, 0), sample + 1)
             base = {
                 key: v for key, v in row.items() if key not in ("responses", "response", "sample")

@@ -75,6 +75,8 @@ def status(
         st = r["status"] + (
             " (checkpoint)" if r["checkpoint"] and r["status"] != "finished" else ""
         )
+        if r["missing_outputs"]:
+            st += f" [red](missing: {', '.join(r['missing_outputs'])})[/]"
         if r["stale_inputs"]:
             st += f" [yellow](stale: {', '.join(r['stale_inputs'])} redone since)[/]"
         if r["set_aside"]:
