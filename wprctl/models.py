@@ -245,7 +245,16 @@ def load_errors() -> tuple[type[Exception], ...]:
 # what a local folder needs, at least one of, to hold a model or a tokenizer
 _FOLDER_FILES = {
     "model": ("config.json", "adapter_config.json"),  # a PEFT adapter names its base model
-    "tokenizer": ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json"),
+    # older hub folders have only their vocabulary files, with the model's config.json
+    "tokenizer": (
+        "tokenizer_config.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "spiece.model",
+        "vocab.json",
+        "vocab.txt",
+        "config.json",
+    ),
 }
 
 
@@ -263,9 +272,8 @@ def _check_folder(source: str | Path, what: str) -> None:
     if path.is_dir() and not any((path / name).exists() for name in needs):
         inner = path / "model"  # a run folder given for its model
         hint = f"; its model is in {inner}" if (inner / needs[0]).exists() else ""
-        raise UserError(
-            f"{source}: cannot load the {what}: no {' or '.join(needs)} in the folder{hint}"
-        )
+        named = " or ".join(needs[:2]) + (" (or the like)" if len(needs) > 2 else "")
+        raise UserError(f"{source}: cannot load the {what}: no {named} in the folder{hint}")
 
 
 def _first_line(exc: BaseException) -> str:
