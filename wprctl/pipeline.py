@@ -19,6 +19,7 @@ from wprctl.console import console, print_table, short_metrics
 from wprctl.errors import StopRequested, UserError
 from wprctl.manifest import Manifest, load_manifest
 from wprctl.runs import (
+    TRAINING_KINDS,
     RunDir,
     finish_run,
     note_input,
@@ -29,8 +30,6 @@ from wprctl.runs import (
     settle_replaced,
     stale_inputs,
 )
-
-TRAINING = ("sft", "rm", "ppo", "dar")
 
 
 @dataclass
@@ -232,12 +231,11 @@ def run_pipeline(
             continue
         console.rule(
             f"[bold]{name}[/] ({kind})"
-            + (" — starting over" if force and status != "absent" else "")
-            + (" — resuming" if not force and status != "absent" else "")
+            + ((" — starting over" if force else " — resuming") if status != "absent" else "")
         )
         t0 = time.time()
         try:
-            if kind in TRAINING:
+            if kind in TRAINING_KINDS:
                 # ranks started for this stage run this stage's command, not the whole pipeline
                 argv = [kind, "-m", str(manifest_path), *_set_args(overrides)]
                 argv += ["--variant", name] if variant else []

@@ -47,6 +47,12 @@ def init_project(directory: Path, template: str, force: bool) -> Path:
     return target
 
 
+def _missing(outputs: dict[str, Any]) -> list[str]:
+    return sorted(
+        k for k, path in outputs.items() if isinstance(path, str) and not Path(path).exists()
+    )
+
+
 def stage_status(manifest: Manifest) -> list[dict[str, Any]]:
     """One row per stage or variant named in `stages`, in the lineage or with a run folder."""
     rows = []
@@ -68,11 +74,9 @@ def stage_status(manifest: Manifest) -> list[dict[str, Any]]:
                 # the run a --force run replaces, kept until that one finishes or checkpoints
                 "set_aside": str(r.dir.replaced_dir) if r.dir.replaced_dir.exists() else None,
                 # a finished run's outputs deleted or moved since: what reads them will fail
-                "missing_outputs": sorted(
-                    key
-                    for key, path in r.record.get("outputs", {}).items()
-                    if r.status == "finished" and isinstance(path, str) and not Path(path).exists()
-                ),
+                "missing_outputs": _missing(r.record.get("outputs", {}))
+                if r.status == "finished"
+                else [],
             }
         )
     return rows

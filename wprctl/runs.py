@@ -151,9 +151,9 @@ class RunDir:
         return (self.checkpoint_dir / "latest").exists()
 
     def update_state(self, **fields: Any) -> None:
+        """Set ``fields`` in state.json; a field set to None is removed."""
         if not is_main_process():
             return
-        """Set ``fields`` in state.json; a field set to None is removed."""
         state = _read_json(self.state_file) or {}
         state.update(fields)
         _write_json_atomic(self.state_file, {k: v for k, v in state.items() if v is not None})
