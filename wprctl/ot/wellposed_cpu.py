@@ -30,6 +30,9 @@ from wprctl.ot.compiled import OPTS as _OPTS
 from wprctl.ot.compiled import chunk_bounds, launch
 
 _TINY = np.finfo(np.float64).tiny
+# the loops that sum: reassociation lets LLVM vectorize them (the sums' order is not the tensor
+# version's anyway); no nnan or ninf, which would license it to drop the guards
+_SUM_OPTS = dict(_OPTS, fastmath={"reassoc", "contract"})
 _RIDGE = 1e-10  # the preconditioner's relative ridge (``wellposed._Precond``)
 
 
@@ -76,24 +79,36 @@ def _big_of(x):
     return m
 
 
+@njit(**_OPTS)
+def _exp_or_one(d, out):
+    """out = exp(d), skipping the exps where d is all 0 (a half step's other side)."""
+    if _big_of(d) > 0:
+        for i in range(d.shape[0]):
+            out[i] = math.exp(d[i])
+    else:
+        out[:] = 1.0
+
+
 # Largest change (log units) ``_rescale`` applies by multiplication. An entry that underflowed
 # (< 1e-308) and is scaled by at most e^(2 * 30) stays below 1e-282, negligible against any mass
 # the solver resolves, so no entry needs to be recomputed; larger changes recompute the plan.
 _RESCALE_MAX = 30.0
 
 
-@njit(**_OPTS)
-def _rescale(F, G, H, dF, dG, dH, lam, lam_r, ei, ej, ce, pl, Pe, hub):
+@njit(**_SUM_OPTS)
+def _rescale(F, G, H, dF, dG, dH, lam, lam_r, ei, ej, ce, pl, Pe, hub, ew):
     """The plan after F += dF, G += dG, H += dH (F, G, H already updated), from the old plan:
     each entry times exp(its row's change + its column's change). One exp per variable instead
-    of one per entry (5 per slot, 1 per edge), and the products vectorize."""
+    of one per entry (5 per slot, 1 per edge), and the products vectorize. ``ew`` (2, S):
+    scratch."""
     S = F.shape[0]
     if not max(_big_of(dF), _big_of(dG), _big_of(dH)) <= _RESCALE_MAX:
         _plan(F, G, H, lam, lam_r, ei, ej, ce, pl, Pe, hub)
         return
     # a half step changes one side only: no exp for the other (its changes are exactly 0)
-    eF = np.exp(dF) if _big_of(dF) > 0 else np.ones(S)
-    eG = np.exp(dG) if _big_of(dG) > 0 else np.ones(S)
+    eF, eG = ew[0], ew[1]
+    _exp_or_one(dF, eF)
+    _exp_or_one(dG, eG)
     eFD, eGD, eFR, eGR = math.exp(dH[0]), math.exp(dH[1]), math.exp(dH[2]), math.exp(dH[3])
     for i in range(S):
         pl[0, i] *= eF[i] * eG[i]
@@ -124,7 +139,7 @@ def _rescale(F, G, H, dF, dG, dH, lam, lam_r, ei, ej, ce, pl, Pe, hub):
     hub[7] = hub[3] + hub[1] + sPiR
 
 
-@njit(**_OPTS)
+@njit(**_SUM_OPTS)
 def _objective(F, G, H, mF, mG, mH, pl, hub):
     """Phi = <a, F> + <b, G> + <hubs' masses, H> - total plan mass (0 * -inf = 0)."""
     phi = 0.0
@@ -140,7 +155,7 @@ def _objective(F, G, H, mF, mG, mH, pl, hub):
     return phi - hub[4] - hub[6]
 
 
-@njit(**_OPTS)
+@njit(**_SUM_OPTS)
 def _gradient(mF, mG, mH, actF, actG, actH, pl, hub, gF, gG, gH):
     """The marginal error (a - P 1, b - P^T 1) on the active variables; returns its L1 norm."""
     err = 0.0
@@ -154,7 +169,7 @@ def _gradient(mF, mG, mH, actF, actG, actH, pl, hub, gF, gG, gH):
     return err
 
 
-@njit(**_OPTS)
+@njit(**_SUM_OPTS)
 def _matvec(pl, Pe, hub, damp, ei, ej, vF, vG, vH, oF, oG, oH):
     """J v with J = [[diag r, P], [P^T, diag c]] + damp I over (F, G, hubs)."""
     vFD, vGD, vFR, vGR = vH[0], vH[1], vH[2], vH[3]
@@ -178,9 +193,9 @@ def _matvec(pl, Pe, hub, damp, ei, ej, vF, vG, vH, oF, oG, oH):
 
 
 @njit(**_OPTS)
-def _inv4(A, out):
-    """out = A^-1 by Gauss-Jordan with partial pivoting; zeros when a pivot is 0 (singular)."""
-    M = np.empty((4, 8))
+def _inv4(A, out, M):
+    """out = A^-1 by Gauss-Jordan with partial pivoting; zeros when a pivot is 0 (singular).
+    ``M`` (4, 8): scratch."""
     for i in range(4):
         for j in range(4):
             M[i, j] = A[i, j]
@@ -210,12 +225,13 @@ def _inv4(A, out):
             out[i, j] = v if np.isfinite(v) else 0.0
 
 
-@njit(**_OPTS)
-def _precond(pl, hub, damp, actF, actG, actH, abg, Hinv):
+@njit(**_SUM_OPTS)
+def _precond(pl, hub, damp, actF, actG, actH, abg, Hinv, sw):
     """``wellposed._Precond`` for one position: per-slot 2x2 inverses (al, be, ga in abg) and the
-    inverse of the hubs' 4x4 Schur complement."""
+    inverse of the hubs' 4x4 Schur complement. ``sw`` (4, 4, 8): scratch."""
     S = pl.shape[1]
-    Sm = np.zeros((4, 4))
+    Sm, Hm, Sc = sw[0, :, :4], sw[1, :, :4], sw[2, :, :4]
+    Sm[:, :] = 0.0
     for i in range(S):
         r = max(pl[5, i] + damp if actF[i] else 1.0, _TINY)
         c = max(pl[6, i] + damp if actG[i] else 1.0, _TINY)
@@ -238,14 +254,13 @@ def _precond(pl, hub, damp, actF, actG, actH, abg, Hinv):
     Sm[2, 0], Sm[3, 1], Sm[1, 0], Sm[3, 0], Sm[1, 2], Sm[3, 2] = (
         Sm[0, 2], Sm[1, 3], Sm[0, 1], Sm[0, 3], Sm[2, 1], Sm[2, 3]
     )  # fmt: skip
-    Hm = np.zeros((4, 4))
+    Hm[:, :] = 0.0
     for h in range(4):
         Hm[h, h] = (hub[4 + h] + damp) * (1 + _RIDGE) if actH[h] else 1.0
     Hm[0, 1] = Hm[1, 0] = hub[0]
     Hm[0, 3] = Hm[3, 0] = hub[1]
     Hm[2, 1] = Hm[1, 2] = hub[2]
     Hm[2, 3] = Hm[3, 2] = hub[3]
-    Sc = np.empty((4, 4))
     for i in range(4):
         for j in range(4):
             if actH[i] and actH[j]:
@@ -254,14 +269,14 @@ def _precond(pl, hub, damp, actF, actG, actH, abg, Hinv):
                 Sc[i, j] = 1.0 if i == j else 0.0
     for h in range(4):
         Sc[h, h] += _RIDGE * abs(Sc[h, h])
-    _inv4(Sc, Hinv)
+    _inv4(Sc, Hinv, sw[3])
 
 
-@njit(**_OPTS)
-def _apply(pl, abg, Hinv, actF, actG, actH, qF, qG, qH, zF, zG, zH):
-    """z = M^-1 q (``wellposed._Precond.apply``)."""
+@njit(**_SUM_OPTS)
+def _apply(pl, abg, Hinv, actF, actG, actH, qF, qG, qH, zF, zG, zH, hw):
+    """z = M^-1 q (``wellposed._Precond.apply``). ``hw`` (2, 4): scratch."""
     S = qF.shape[0]
-    rhs = np.empty(4)
+    rhs, h = hw[0], hw[1]
     rhs[:] = qH
     for i in range(S):
         tF = abg[0, i] * qF[i] + abg[1, i] * qG[i]
@@ -270,10 +285,9 @@ def _apply(pl, abg, Hinv, actF, actG, actH, qF, qG, qH, zF, zG, zH):
         rhs[1] -= pl[1, i] * tF
         rhs[2] -= pl[4, i] * tG
         rhs[3] -= pl[3, i] * tF
-    for h in range(4):
-        if not actH[h]:
-            rhs[h] = 0.0
-    h = np.empty(4)
+    for j in range(4):
+        if not actH[j]:
+            rhs[j] = 0.0
     for j in range(4):
         h[j] = Hinv[j, 0] * rhs[0] + Hinv[j, 1] * rhs[1] + Hinv[j, 2] * rhs[2] + Hinv[j, 3] * rhs[3]
     for i in range(S):
@@ -287,7 +301,7 @@ def _apply(pl, abg, Hinv, actF, actG, actH, qF, qG, qH, zF, zG, zH):
         zH[j] = h[j] if np.isfinite(h[j]) else 0.0
 
 
-@njit(**_OPTS)
+@njit(**_SUM_OPTS)
 def _dot3(aF, aG, aH, bF, bG, bH):
     # plain loops: numba's np.dot needs SciPy's BLAS
     s = 0.0
@@ -309,19 +323,26 @@ def _axpy(alpha, aF, aG, aH, yF, yG, yH):
 
 
 @njit(**_OPTS)
-def _cg(pl, Pe, hub, damp, ei, ej, abg, Hinv, actF, actG, actH, gF, gG, gH, max_cg, rel, x):
+def _cg(pl, Pe, hub, damp, ei, ej, abg, Hinv, actF, actG, actH, gF, gG, gH, max_cg, rel, x, w, hw):
     """Preconditioned CG on (J + damp I) d = g to relative residual ``rel``; x (3, S + 4 packed
-    as F, G, H views) receives d. Returns the iterations."""
+    as F, G, H views) receives d; ``w`` (12, S + 4): scratch for the residual, the preconditioned
+    residual, the product and the direction; ``hw``: ``_apply``'s. Returns the iterations."""
     S = gF.shape[0]
     xF, xG, xH = x[0, :S], x[1, :S], x[2, :4]
     xF[:] = 0.0
     xG[:] = 0.0
     xH[:] = 0.0
-    rF, rG, rH = gF.copy(), gG.copy(), gH.copy()
-    zF, zG, zH = np.empty(S), np.empty(S), np.empty(4)
-    qF, qG, qH = np.empty(S), np.empty(S), np.empty(4)
-    _apply(pl, abg, Hinv, actF, actG, actH, rF, rG, rH, zF, zG, zH)
-    pF, pG, pH = zF.copy(), zG.copy(), zH.copy()
+    rF, rG, rH = w[0, :S], w[1, :S], w[2, :4]
+    zF, zG, zH = w[3, :S], w[4, :S], w[5, :4]
+    qF, qG, qH = w[6, :S], w[7, :S], w[8, :4]
+    pF, pG, pH = w[9, :S], w[10, :S], w[11, :4]
+    rF[:] = gF
+    rG[:] = gG
+    rH[:] = gH
+    _apply(pl, abg, Hinv, actF, actG, actH, rF, rG, rH, zF, zG, zH, hw)
+    pF[:] = zF
+    pG[:] = zG
+    pH[:] = zH
     rz = _dot3(rF, rG, rH, zF, zG, zH)
     stop = rz * rel * rel
     if not rz > 0:
@@ -336,7 +357,7 @@ def _cg(pl, Pe, hub, damp, ei, ej, abg, Hinv, actF, actG, actH, gF, gG, gH, max_
         alpha = rz / pq
         _axpy(alpha, pF, pG, pH, xF, xG, xH)
         _axpy(-alpha, qF, qG, qH, rF, rG, rH)
-        _apply(pl, abg, Hinv, actF, actG, actH, rF, rG, rH, zF, zG, zH)
+        _apply(pl, abg, Hinv, actF, actG, actH, rF, rG, rH, zF, zG, zH, hw)
         rz_new = _dot3(rF, rG, rH, zF, zG, zH)
         if not rz_new > stop:
             break
@@ -351,17 +372,18 @@ def _cg(pl, Pe, hub, damp, ei, ej, abg, Hinv, actF, actG, actH, gF, gG, gH, max_
 
 
 @njit(**_OPTS)
-def _sinkhorn_step(X, H, m, mH, act, actH, marg, hub, side, dX, dH):
+def _sinkhorn_step(X, H, lm, lmH, act, actH, marg, hub, side, dX, dH):
     """The Sinkhorn half step of one side (side 0: rows F, FD, FR; 1: columns G, GD, GR): its
     change dX = log mass - log marginal on the active variables (0 elsewhere), applied to X, H in
-    place; the other side's change is left 0."""
+    place; the other side's change is left 0. ``lm``, ``lmH``: the log masses (log of the masses
+    the solver uses, computed once per position: the same numbers as the tensor version's)."""
     for i in range(X.shape[0]):
-        dX[i] = math.log(m[i]) - math.log(max(marg[i], _TINY)) if act[i] else 0.0
+        dX[i] = lm[i] - math.log(max(marg[i], _TINY)) if act[i] else 0.0
         X[i] += dX[i]
     dH[:] = 0.0
     for h in (side, side + 2):
         if actH[h]:
-            dH[h] = math.log(mH[h]) - math.log(max(hub[4 + h], _TINY))
+            dH[h] = lmH[h] - math.log(max(hub[4 + h], _TINY))
             H[h] += dH[h]
 
 
@@ -376,6 +398,7 @@ def solve_position(
     rho = math.exp(log_rho)
     mH = np.array([math.exp(laD), math.exp(lbD), rho, rho])
     actF, actG, actH = np.isfinite(la), np.isfinite(lb), mH > 0
+    lmF, lmG, lmH = np.log(mF), np.log(mG), np.log(mH)
     E = ei.shape[0]
     pl, Pe, hub = np.empty((7, S)), np.empty(E), np.empty(8)
     cpl, cPe, chub = np.empty((7, S)), np.empty(E), np.empty(8)
@@ -383,6 +406,8 @@ def solve_position(
     cF, cG, cH = np.empty(S), np.empty(S), np.empty(4)
     abg, Hinv = np.empty((3, S)), np.empty((4, 4))
     d = np.empty((3, max(S, 4)))
+    cgw, hw, sw = np.empty((12, max(S, 4))), np.empty((2, 4)), np.empty((4, 4, 8))
+    ew = np.empty((2, S))
     zero, dX, dHs = np.zeros(S), np.empty(S), np.empty(4)
     tF, tG, tH = np.empty(S), np.empty(S), np.empty(4)
     sign = np.array([1.0, -1.0, 1.0, -1.0])
@@ -400,19 +425,18 @@ def solve_position(
             break
         iters += 1
         # Sinkhorn sweep (columns, then rows), as in the batched version
-        _sinkhorn_step(G, H, mG, mH, actG, actH, pl[6], hub, 1, dX, dHs)
-        _rescale(F, G, H, zero, dX, dHs, lam, lam_r, ei, ej, ce, pl, Pe, hub)
-        _sinkhorn_step(F, H, mF, mH, actF, actH, pl[5], hub, 0, dX, dHs)
-        _rescale(F, G, H, dX, zero, dHs, lam, lam_r, ei, ej, ce, pl, Pe, hub)
+        _sinkhorn_step(G, H, lmG, lmH, actG, actH, pl[6], hub, 1, dX, dHs)
+        _rescale(F, G, H, zero, dX, dHs, lam, lam_r, ei, ej, ce, pl, Pe, hub, ew)
+        _sinkhorn_step(F, H, lmF, lmH, actF, actH, pl[5], hub, 0, dX, dHs)
+        _rescale(F, G, H, dX, zero, dHs, lam, lam_r, ei, ej, ce, pl, Pe, hub, ew)
         phi = _objective(F, G, H, mF, mG, mH, pl, hub)
         err = _gradient(mF, mG, mH, actF, actG, actH, pl, hub, gF, gG, gH)
         # damped Newton system by PCG
-        _precond(pl, hub, damp, actF, actG, actH, abg, Hinv)
+        _precond(pl, hub, damp, actF, actG, actH, abg, Hinv, sw)
         rel = min(math.sqrt(err), 0.1)
         budget = max_cg * (1 + k // 8)
-        cg_total += _cg(
-            pl, Pe, hub, damp, ei, ej, abg, Hinv, actF, actG, actH, gF, gG, gH, budget, rel, d
-        )
+        cg_total += _cg(pl, Pe, hub, damp, ei, ej, abg, Hinv, actF, actG, actH, gF, gG, gH,
+                        budget, rel, d, cgw, hw)  # fmt: skip
         dF, dG, dH = d[0, :S], d[1, :S], d[2, :4]
         # the gauge component (f_R = g_R fixed), inactive variables, the step cap
         shift = (dH[2] - dH[3]) / 2
@@ -448,7 +472,7 @@ def solve_position(
                 tG[:] = 0.0
                 tH[:] = 0.0
                 _axpy(t, dF, dG, dH, tF, tG, tH)
-                _rescale(cF, cG, cH, tF, tG, tH, lam, lam_r, ei, ej, ce, cpl, cPe, chub)
+                _rescale(cF, cG, cH, tF, tG, tH, lam, lam_r, ei, ej, ce, cpl, cPe, chub, ew)
             cphi = _objective(cF, cG, cH, mF, mG, mH, cpl, chub)
             if np.isfinite(cphi) and cphi >= phi + 1e-4 * t * slope - 1e-12 * (1 + abs(phi)):
                 accepted = True
@@ -463,7 +487,7 @@ def solve_position(
             hub, chub = chub, hub
             phi = cphi
         else:
-            _sinkhorn_step(G, H, mG, mH, actG, actH, pl[6], hub, 1, dX, dHs)
+            _sinkhorn_step(G, H, lmG, lmH, actG, actH, pl[6], hub, 1, dX, dHs)
             _plan(F, G, H, lam, lam_r, ei, ej, ce, pl, Pe, hub)
             phi = _objective(F, G, H, mF, mG, mH, pl, hub)
     return iters, err, converged, cg_total
