@@ -201,11 +201,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # The demo project that several stage tests share: SFT and RM trained once with the demo's own
-# model and learning rates (what `wprctl quickstart` runs) on a quarter of its data and one
-# epoch each, so tests check the behaviour users see in about a minute.
-DEMO_STAGE_SETS: list[str] = [
-    "--set", "data.demo.n_train=10000", "--set", "sft.epochs=1", "--set", "rm.epochs=1",
-]  # fmt: skip
+# model and learning rates (what `wprctl quickstart` runs) on a quarter of its data (written into
+# the manifest, so PPO runs in this project read the same rows) and one epoch each, so tests
+# check the behaviour users see in about a minute.
+DEMO_STAGE_SETS: list[str] = ["--set", "sft.epochs=1", "--set", "rm.epochs=1"]
 
 
 @pytest.fixture(scope="session")
@@ -214,6 +213,9 @@ def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     res = run_cli("init", str(root), "--template", "demo")
     assert res.returncode == 0, res.stderr
     manifest = root / "wprctl.toml"
+    text = manifest.read_text()
+    assert "\nn_train = 40000\n" in text
+    manifest.write_text(text.replace("\nn_train = 40000\n", "\nn_train = 10000\n"))
     for stage in ("sft", "rm"):
         res = run_cli(stage, "-m", str(manifest), *DEMO_STAGE_SETS)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

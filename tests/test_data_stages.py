@@ -185,3 +185,43 @@ def test_tokenizer_without_pad_is_a_user_error(tmp_path: Path, tiny_tokenizer) -
     tok.name_or_path = "some/model"
     with pytest.raises(UserError, match=r"some/model.*pad token"):
         load_stage_data(manifest(tmp_path), "sft", "eval", tok)
+
+
+def test_demo_rows_are_kept_and_read_back_only_while_their_key_matches(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    from wprctl.data.demo import demo_file, demo_rows, kept_demo_rows
+
+    folder = tmp_path / "data"
+    rows = kept_demo_rows(folder, 42, "train", 30)
+    assert rows == demo_rows(42, "train", 30)
+    path = demo_file(folder, 42, "train", 30)
+    key_path = path.with_name(f".{path.name}.key")
+    original = path.read_bytes()
+
+    def write_jsonl(rows: list[dict], path: Path) -> None:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def rekey(**change: str) -> None:
+        key = json.loads(key_path.read_text())
+        key.update(sha256=hashlib.sha256(path.read_bytes()).hexdigest(), **change)
+        key_path.write_text(json.dumps(key))
+
+    # a file whose key matches is what the next run reads: shown with a file re-keyed on purpose
+    write_jsonl(rows[:3], path)
+    rekey()
+    assert kept_demo_rows(folder, 42, "train", 30) == rows[:3]
+    # an edited file (no longer the key's hash) is generated again and replaced
+    path.write_text(path.read_text().replace("demo", "edited"))
+    assert kept_demo_rows(folder, 42, "train", 30) == rows
+    assert path.read_bytes() == original
+    # a file of another generator (or Python), or a broken key: generated again
+    for change in ({"generator": "0" * 64}, {"python": "2.7"}):
+        write_jsonl(rows[:3], path)
+        rekey(**change)
+        assert kept_demo_rows(folder, 42, "train", 30) == rows
+    write_jsonl(rows[:3], path)
+    key_path.write_text("{not json")
+    assert kept_demo_rows(folder, 42, "train", 30) == rows
+    assert path.read_bytes() == original

@@ -61,10 +61,12 @@ What a tiny reward model can learn here
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import random
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -599,15 +601,57 @@ def demo_rows(seed: int, split: str, n: int) -> list[dict[str, Any]]:
     return generate_rows(n, demo_split_seed(seed, split), name)
 
 
-def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
+def demo_file(folder: Path, seed: int, split: str, n: int) -> Path:
+    return folder / f"demo-seed{seed}-{split}-{n}.jsonl"
+
+
+def kept_demo_rows(folder: Path, seed: int, split: str, n: int) -> list[dict[str, Any]]:
+    """`demo_rows`, kept as jsonl in `folder` (``demo_file``) for the next run and for a look.
+
+    Generating the demo's 40000 training rows takes 10-20 s, and every stage of a project reads
+    them; reading the file back takes under a second. A file is read back only when its key
+    (``.<name>.key`` beside it) records this generator (the hash of this module's source and the
+    Python version: ``random``'s draws may change between versions) and the file's own sha256,
+    so an edited, truncated or stale file is generated again and replaced, never used."""
+    path = demo_file(folder, seed, split, n)
+    key_path = path.with_name(f".{path.name}.key")
+    want = _generator_key(seed, split, n)
+    try:
+        key = json.loads(key_path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+        if key == {**want, "sha256": hashlib.sha256(data).hexdigest()}:
+            # split on "\n" only: splitlines would also split at characters JSON leaves raw
+            return [json.loads(line) for line in data.decode("utf-8").split("\n")[:-1]]
+    except (OSError, ValueError, TypeError):
+        pass  # no file, or not one of ours: generate it
+    rows = demo_rows(seed, split, n)
+    text = _jsonl(rows)
+    _write_atomic(path, text)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    _write_atomic(key_path, json.dumps({**want, "sha256": digest}) + "\n")
+    return rows
+
+
+@functools.cache
+def _source_hash() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def _generator_key(seed: int, split: str, n: int) -> dict[str, Any]:
+    version = ".".join(map(str, sys.version_info[:2]))
+    return {"generator": _source_hash(), "python": version, "seed": seed, "split": split, "n": n}
+
+
+def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # one temporary name per process: several ranks may write the same file at once
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
-    return path
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def demo_tokenizer_corpus(seed: int = 0, n_posts: int = 3000) -> Iterator[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from wprctl.data.base import Example, ExampleSet, RawRow, SkipRow, get_adapter
-from wprctl.data.demo import demo_rows, write_jsonl
+from wprctl.data.demo import demo_file, demo_rows, kept_demo_rows
 from wprctl.data.sources import (
     HOLDOUT_BUCKETS,
     InvalidJSON,
@@ -40,7 +40,8 @@ def load_examples(
     """The Examples of `split` ("train" or "eval") of the manifest's `[data]` section.
 
     `root` resolves a relative `data.path` (the manifest's folder). For the demo task,
-    `write_dir` also writes the generated rows there as jsonl, for inspection.
+    `write_dir` keeps the generated rows there as jsonl, for inspection and for the next
+    run to read instead of generating them again (``demo.kept_demo_rows``).
     """
     if split not in SPLITS:
         raise UserError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
@@ -53,31 +54,31 @@ def load_examples(
         if report and cached.n_skipped:
             print_skipped(cached)
     elif write_dir is not None and cfg.dataset == "demo":
-        _write_demo(cfg, split, seed, write_dir)
+        n = _demo_n(cfg, split)
+        if not demo_file(write_dir, seed, split, n).exists():
+            kept_demo_rows(write_dir, seed, split, n)
     return cached
 
 
-def _demo_source(cfg: Any, split: str, seed: int) -> SourceRows:
-    n = cfg.demo.n_train if split == "train" else cfg.demo.n_validation
+def _demo_n(cfg: Any, split: str) -> int:
+    return cfg.demo.n_train if split == "train" else cfg.demo.n_validation
+
+
+def _demo_source(cfg: Any, split: str, seed: int, write_dir: Path | None) -> SourceRows:
+    n = _demo_n(cfg, split)
     desc = f"demo task (seed {seed}, {split})"
-    rows = [RawRow(r, desc, f"row {i + 1}", i) for i, r in enumerate(demo_rows(seed, split, n))]
-    return SourceRows(rows, desc)
-
-
-def _write_demo(cfg: Any, split: str, seed: int, write_dir: Path) -> Path:
-    n = cfg.demo.n_train if split == "train" else cfg.demo.n_validation
-    path = write_dir / f"demo-seed{seed}-{split}-{n}.jsonl"
-    if not path.exists():
-        write_jsonl(demo_rows(seed, split, n), path)
-    return path
+    raw = (
+        demo_rows(seed, split, n)
+        if write_dir is None
+        else kept_demo_rows(write_dir, seed, split, n)
+    )
+    return SourceRows([RawRow(r, desc, f"row {i + 1}", i) for i, r in enumerate(raw)], desc)
 
 
 def _load(cfg: Any, split: str, seed: int, root: Path, write_dir: Path | None) -> ExampleSet:
     adapter = get_adapter(cfg.dataset)
     if cfg.dataset == "demo":
-        src = _demo_source(cfg, split, seed)
-        if write_dir is not None:
-            _write_demo(cfg, split, seed, write_dir)
+        src = _demo_source(cfg, split, seed, write_dir)
     else:
         src = source_rows(cfg, adapter, split, root)
     out = parse_rows(src.rows, adapter, cfg, src.description)
