@@ -12,8 +12,9 @@ positions spread over the cores.
 One difference in arithmetic, not in the method: after each Sinkhorn half step, and for the line
 search's candidates, the plan is updated by scaling the old entries (``_rescale``: one exp per
 variable instead of one per entry), with an exact recomputation for large changes and at every
-8th Newton step. tests/test_ot_wellposed_compiled.py checks that both versions give the same
-potentials (to float32 output precision) and the same iteration counts.
+8th Newton step. And the sums (plan marginals, dot products, the Schur complement) are added in
+whatever order vectorizes (``_SUM_OPTS``). tests/test_ot_wellposed_compiled.py checks that both
+versions give the same potentials (to float32 output precision) and the same iteration counts.
 
 Division and logarithm follow IEEE (``error_model="numpy"``: 1/0 = inf, log 0 = -inf), as in
 torch, and the same guards make the same non-finite values harmless.
