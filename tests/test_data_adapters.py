@@ -280,6 +280,16 @@ def test_a_byte_order_mark_does_not_cost_the_first_row(tmp_path: Path) -> None:
     assert read_jsonl(tmp_path / "bom.jsonl")[0] == read_jsonl(FIX / "hh_rlhf.jsonl")[0]
 
 
+def test_a_cut_line_is_named_with_its_own_column(tmp_path: Path) -> None:
+    from wprctl.errors import UserError
+    from wprctl.jsonl import read_jsonl
+
+    bad = tmp_path / "cut.jsonl"
+    bad.write_text('{"id": "a"}\n{"id": "x", "prompt": \n')  # a file cut off mid-line
+    with pytest.raises(UserError, match=r"cut.jsonl, line 2: not valid JSON \(.* at column 23\)"):
+        read_jsonl(bad)
+
+
 def test_gzip_jsonl_and_relative_path_from_manifest_root(tmp_path: Path) -> None:
     import gzip
 

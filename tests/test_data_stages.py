@@ -225,3 +225,32 @@ def test_demo_rows_are_kept_and_read_back_only_while_their_key_matches(tmp_path:
     key_path.write_text("{not json")
     assert kept_demo_rows(folder, 42, "train", 30) == rows
     assert path.read_bytes() == original
+
+
+def test_demo_rows_that_cannot_be_kept_are_used_and_the_run_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from wprctl.data.demo import demo_file, demo_rows, kept_demo_rows
+
+    want = demo_rows(42, "train", 30)
+    # the folder is a file; the kept file (then its key) is a folder
+    (tmp_path / "as_file").write_text("hi")
+    assert kept_demo_rows(tmp_path / "as_file", 42, "train", 30) == want
+    err = " ".join(capsys.readouterr().err.split())
+    assert "could not keep the demo rows in" in err and "as_file" in err
+    for folder_at in ("file", "key"):
+        folder = tmp_path / folder_at
+        path = demo_file(folder, 42, "train", 30)
+        (path if folder_at == "file" else path.with_name(f".{path.name}.key")).mkdir(parents=True)
+        assert kept_demo_rows(folder, 42, "train", 30) == want
+        err = " ".join(capsys.readouterr().err.split())
+        assert "could not keep the demo rows" in err, folder_at
+        assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*.tmp"))
+    # an edited file is said to be regenerated
+    folder = tmp_path / "edited"
+    kept_demo_rows(folder, 42, "train", 30)
+    path = demo_file(folder, 42, "train", 30)
+    path.write_text(path.read_text()[:-10])
+    capsys.readouterr()
+    assert kept_demo_rows(folder, 42, "train", 30) == want
+    assert "does not match its key" in " ".join(capsys.readouterr().err.split())

@@ -183,6 +183,10 @@ def test_variant_and_cross_key_errors_name_their_own_lines(tmp_path: Path) -> No
     with pytest.raises(UserError) as err:
         load_manifest(p)
     assert str(err.value).count("'../x'") == 1  # said once, not "got '../x' (got '../x')"
+    p = _write(tmp_path, '[data]\ndata_split = "1,2"\n')
+    with pytest.raises(UserError) as err:
+        load_manifest(p)
+    assert "data.data_split (line 2)" in str(err.value) and str(err.value).count("'1,2'") == 1
 
 
 def test_a_variant_run_by_the_wrong_stage_command_is_told_the_right_one(tmp_path: Path) -> None:

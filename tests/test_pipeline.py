@@ -94,9 +94,15 @@ def test_run_resumes_a_killed_stage(tmp_path: Path) -> None:
     # a stage redone: the stages that read it are said to be stale when skipped
     res = run_cli("run", "-m", manifest, *sets, "--from", "sft", "--to", "sft", "--force")
     assert res.returncode == 0 and "sft (sft) — starting over" in res.stdout, res.stderr[-3000:]
-    res = run_cli("run", "-m", manifest, *sets)
+    # ... and one run with other settings than the manifest's now, so is that
+    res = run_cli("run", "-m", manifest, *sets, "--set", "rm.lr=0.002")
     flat = " ".join(res.stdout.split())
-    assert "rm: finished earlier, skipped (stale: sft redone since;" in flat
+    assert (
+        "rm: finished earlier, skipped (stale: sft redone since; run with other settings: rm.lr"
+        in flat
+    )
+    assert "-> 0.002; `wprctl run --from rm --to rm --force` redoes it)" in flat
+    assert "sft: finished earlier, skipped (" not in flat  # its settings did not change
     res = run_cli("run", "-m", manifest, *sets, "--from", "rm", "--to", "sft")
     assert res.returncode == 2 and "--from 'rm' comes after --to 'sft'" in res.stderr
 

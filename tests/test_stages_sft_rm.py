@@ -211,9 +211,19 @@ def test_a_live_run_is_not_touched_by_a_second_process_and_ctrl_c_checkpoints_an
         {"sft.max_steps": [step - 1, step + 2]},
     ]
     # a variant's hint names the variant: the bare stage would resume another folder
+    from wprctl.manifest import load_manifest
+    from wprctl.runs import run_dir
     from wprctl.stages import resume_hint
 
-    assert "`wprctl ppo --variant ppo-kl --resume`" in resume_hint("ppo", "ppo-kl")
+    ppo_kl = run_dir(load_manifest(manifest), "ppo-kl")
+    assert "`wprctl ppo --variant ppo-kl --force` starts it again" in resume_hint(
+        "ppo", "ppo-kl", ppo_kl
+    )
+    ppo_kl.checkpoint_dir.mkdir(parents=True)
+    (ppo_kl.checkpoint_dir / "latest").write_text("step2")
+    assert "`wprctl ppo --variant ppo-kl --resume` continues" in resume_hint(
+        "ppo", "ppo-kl", ppo_kl
+    )
 
 
 def test_sigterm_stops_a_two_process_run_with_every_rank_checkpointed_at_one_step(
@@ -278,7 +288,8 @@ def test_a_rank_killed_by_the_system_is_named_with_its_signal(tmp_path: Path) ->
     # whose next collective failed; then the killed rank is the one that said nothing
     killed = "sft: a process was ended by SIGKILL (out of memory?" in flat
     assert killed or "rank 1 ended without a message" in flat, flat[-2000:]
-    assert "`wprctl sft --resume` continues" in flat
+    # no checkpoint was saved before the kill: resuming would only start over
+    assert "no checkpoint yet: `wprctl sft --force` starts it again" in flat
     assert flat.count("error:") == 1
     state = json.loads((tmp_path / "runs" / "sft" / "state.json").read_text())
     assert state["status"] == "failed"

@@ -24,7 +24,7 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(line.rstrip("\r\n"))  # columns of the line itself
                 except json.JSONDecodeError as exc:
                     raise UserError(
                         f"{p}, line {n}: not valid JSON ({exc.msg} at column {exc.colno})"

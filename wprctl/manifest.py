@@ -586,7 +586,9 @@ def _format_errors(
             lines.append(f"  - {key}{at}: unknown key {loc[-1]!r} in [{section}]{hint}")
         else:
             given = err.get("input")
-            got = f" (got {given!r})" if not isinstance(given, dict) else ""
+            # a validator's own message may quote the value already
+            quoted = isinstance(given, dict) or f"got {given!r}" in msg
+            got = "" if quoted else f" (got {given!r})"
             if msg.startswith(f"{key}: "):
                 msg = msg[len(key) + 2 :]
             lines.append(f"  - {key}{at}: {msg}{got}")

@@ -27,6 +27,7 @@ from wprctl.runs import (
     prepare_run,
     read_lineage,
     run_dir,
+    settings_changed_since,
     settle_replaced,
     stale_inputs,
 )
@@ -218,15 +219,17 @@ def run_pipeline(
                     name, kind, "skipped", 0.0, state.get("metrics", {}), _main_output(state)
                 )
             )
-            stale = stale_inputs(read_lineage(base), name)
+            redo = f"`wprctl run --from {name} --to {name} --force` redoes it"
+            why = []
+            if stale := stale_inputs(read_lineage(base), name):
+                why.append(f"stale: {', '.join(stale)} redone since")
+            if changed := settings_changed_since(base.for_variant(name) if variant else base, run):
+                shown = [f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()]
+                more = f" and {len(shown) - 4} more" if len(shown) > 4 else ""
+                why.append(f"run with other settings: {'; '.join(shown[:4])}{more}")
             console.print(
                 f"[dim]{name}: finished earlier, skipped[/]"
-                + (
-                    f" [yellow](stale: {', '.join(stale)} redone since; `wprctl run --from {name} "
-                    f"--to {name} --force` redoes it)[/]"
-                    if stale
-                    else ""
-                )
+                + (f" [yellow]({'; '.join(why)}; {redo})[/]" if why else "")
             )
             continue
         console.rule(

@@ -217,7 +217,10 @@ def prepare_run(
         run.update_state(
             status="running",
             kind=kind,
-            started=state.get("started", time.time()) if resuming else time.time(),
+            # resuming without a checkpoint starts from step 0: its time starts now too
+            started=state.get("started", time.time())
+            if resuming and run.has_checkpoint()
+            else time.time(),
             pid=os.getpid(),
             pid_started=_process_started(os.getpid()),
             host=socket.gethostname(),
@@ -270,6 +273,16 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in data.items():
         out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return out
+
+
+def settings_changed_since(manifest: Manifest, run: RunDir) -> dict[str, tuple[Any, Any]]:
+    """The settings of the run's own section, the data and the model that differ between the
+    run's config.json and ``manifest`` (what the stage would run with now). Other sections are
+    left out: a changed judge setting does not make the SFT run another one."""
+    new = {"manifest": dump_resolved(manifest)}
+    own = (f"{run.kind}.", "data.", "model.")
+    changed = _changed_settings(_read_json(run.config_file), new)
+    return {key: change for key, change in changed.items() if key.startswith(own)}
 
 
 def _changed_settings(old: Any, new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

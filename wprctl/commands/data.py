@@ -125,7 +125,10 @@ def stats(
     report: dict[str, Any] = {"dataset": m.data.dataset, "splits": {}, "stages": {}}
     for split in ("train", "eval"):
         # the tables below show the skipped rows; no separate report while loading
-        es = load_examples(m.data, split, m.project.seed, root=m.root, report=False)
+        es = load_examples(
+            m.data, split, m.project.seed, root=m.root, write_dir=m.output_dir / "data",
+            report=False,
+        )  # fmt: skip
         report["source"] = report.get("source") or es.source
         report["splits"][split] = {
             "source": es.source,

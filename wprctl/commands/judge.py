@@ -151,7 +151,7 @@ def register(app: typer.Typer) -> None:
         max_cost: Annotated[
             float | None,
             typer.Option(
-                "--max-cost", min=0.0, help="Stop cleanly before spending more than this many USD."
+                "--max-cost", help="Stop cleanly before spending more than this many USD (> 0)."
             ),
         ] = None,
         dry_run: Annotated[

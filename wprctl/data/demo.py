@@ -60,6 +60,7 @@ What a tiny reward model can learn here
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -610,9 +611,11 @@ def kept_demo_rows(folder: Path, seed: int, split: str, n: int) -> list[dict[str
 
     Generating the demo's 40000 training rows takes 10-20 s, and every stage of a project reads
     them; reading the file back takes under a second. A file is read back only when its key
-    (``.<name>.key`` beside it) records this generator (the hash of this module's source and the
-    Python version: ``random``'s draws may change between versions) and the file's own sha256,
-    so an edited, truncated or stale file is generated again and replaced, never used."""
+    (``.<name>.key`` beside it) records this generator (the hash of its source and the Python
+    version: ``random``'s draws may change between versions) and the file's own sha256, so an
+    edited, truncated or stale file is generated again and replaced, never used. Keeping is
+    best effort: where the folder cannot take the file, the run goes on with the rows it made
+    and says so."""
     path = demo_file(folder, seed, split, n)
     key_path = path.with_name(f".{path.name}.key")
     want = _generator_key(seed, split, n)
@@ -624,17 +627,33 @@ def kept_demo_rows(folder: Path, seed: int, split: str, n: int) -> list[dict[str
             return [json.loads(line) for line in data.decode("utf-8").split("\n")[:-1]]
     except (OSError, ValueError, TypeError):
         pass  # no file, or not one of ours: generate it
+    if path.exists():
+        _say(f"{path} does not match its key {key_path.name} (edited, truncated, or from another "
+             "version of the generator): generating the demo rows again")  # fmt: skip
     rows = demo_rows(seed, split, n)
     text = _jsonl(rows)
-    _write_atomic(path, text)
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    _write_atomic(key_path, json.dumps({**want, "sha256": digest}) + "\n")
+    try:
+        _write_atomic(path, text)
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        _write_atomic(key_path, json.dumps({**want, "sha256": digest}) + "\n")
+    except OSError as exc:
+        _say(f"could not keep the demo rows in {path} ({exc.strerror or exc}); this run uses the "
+             "rows it generated, and the next one generates them again")  # fmt: skip
     return rows
+
+
+def _say(message: str) -> None:
+    from wprctl.console import err_console, is_main_process
+
+    if is_main_process():
+        err_console.print(f"[yellow]note:[/] {message}", soft_wrap=True)
 
 
 @functools.cache
 def _source_hash() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    # this module and the prompt helpers it calls
+    here = Path(__file__)
+    return hashlib.sha256(here.read_bytes() + here.with_name("prompts.py").read_bytes()).hexdigest()
 
 
 def _generator_key(seed: int, split: str, n: int) -> dict[str, Any]:
@@ -646,8 +665,13 @@ def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # one temporary name per process: several ranks may write the same file at once
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from wprctl.data.base import Example, ExampleSet, RawRow, SkipRow, get_adapter
-from wprctl.data.demo import demo_file, demo_rows, kept_demo_rows
+from wprctl.data.demo import demo_rows, kept_demo_rows
 from wprctl.data.sources import (
     HOLDOUT_BUCKETS,
     InvalidJSON,
@@ -53,10 +53,6 @@ def load_examples(
         _MEMO[key] = cached
         if report and cached.n_skipped:
             print_skipped(cached)
-    elif write_dir is not None and cfg.dataset == "demo":
-        n = _demo_n(cfg, split)
-        if not demo_file(write_dir, seed, split, n).exists():
-            kept_demo_rows(write_dir, seed, split, n)
     return cached
 
 
