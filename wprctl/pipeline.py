@@ -21,6 +21,7 @@ from wprctl.manifest import Manifest, load_manifest
 from wprctl.runs import (
     TRAINING_KINDS,
     RunDir,
+    describe_changes,
     finish_run,
     note_input,
     note_output_path,
@@ -224,9 +225,7 @@ def run_pipeline(
             if stale := stale_inputs(read_lineage(base), name):
                 why.append(f"stale: {', '.join(stale)} redone since")
             if changed := settings_changed_since(base.for_variant(name) if variant else base, run):
-                shown = [f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()]
-                more = f" and {len(shown) - 4} more" if len(shown) > 4 else ""
-                why.append(f"run with other settings: {'; '.join(shown[:4])}{more}")
+                why.append(f"run with other settings: {describe_changes(changed, 4)}")
             console.print(
                 f"[dim]{name}: finished earlier, skipped[/]"
                 + (f" [yellow]({'; '.join(why)}; {redo})[/]" if why else "")

@@ -302,16 +302,21 @@ def _changed_settings(old: Any, new: dict[str, Any]) -> dict[str, tuple[Any, Any
     }
 
 
+def describe_changes(changed: dict[str, tuple[Any, Any]], limit: int) -> str:
+    """``key old -> new`` for the first ``limit`` changes, and how many more there are."""
+    shown = [f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()]
+    more = f" and {len(shown) - limit} more" if len(shown) > limit else ""
+    return "; ".join(shown[:limit]) + more
+
+
 def _report_changes(run: RunDir, changed: dict[str, tuple[Any, Any]]) -> None:
     """A resume may change settings on purpose (more steps, a lower lr); it must not do so
     silently, since config.json then describes only the part after the resume."""
     from wprctl.console import console
 
-    shown = [f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()]
-    more = f" and {len(shown) - 8} more" if len(shown) > 8 else ""
     console.print(
         f"[bold yellow]note:[/] resuming {run.name} with changed settings: "
-        f"{'; '.join(shown[:8])}{more}. config.json now holds the new ones; state.json "
+        f"{describe_changes(changed, 8)}. config.json now holds the new ones; state.json "
         "records the change under 'resumes'."
     )
     state = _read_json(run.state_file) or {}
