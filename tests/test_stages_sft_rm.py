@@ -215,15 +215,11 @@ def test_a_live_run_is_not_touched_by_a_second_process_and_ctrl_c_checkpoints_an
     from wprctl.runs import run_dir
     from wprctl.stages import resume_hint
 
-    ppo_kl = run_dir(load_manifest(manifest), "ppo-kl")
-    assert "`wprctl ppo --variant ppo-kl --force` starts it again" in resume_hint(
-        "ppo", "ppo-kl", ppo_kl
-    )
+    ppo_kl = run_dir(load_manifest(manifest), "ppo-kl", "ppo")
+    assert "`wprctl ppo --variant ppo-kl --force` starts it again" in resume_hint(ppo_kl)
     ppo_kl.checkpoint_dir.mkdir(parents=True)
     (ppo_kl.checkpoint_dir / "latest").write_text("step2")
-    assert "`wprctl ppo --variant ppo-kl --resume` continues" in resume_hint(
-        "ppo", "ppo-kl", ppo_kl
-    )
+    assert "`wprctl ppo --variant ppo-kl --resume` continues" in resume_hint(ppo_kl)
 
 
 def test_sigterm_stops_a_two_process_run_with_every_rank_checkpointed_at_one_step(

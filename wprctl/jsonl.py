@@ -1,9 +1,11 @@
-"""Reading JSONL that users hand us: every bad line is a UserError that names the file and line."""
+"""Reading JSONL that users hand us (every bad line is a UserError that names the file and line),
+and writing files atomically."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,27 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     except UnicodeDecodeError as exc:
         raise UserError(f"{p}: not UTF-8 text ({exc.reason})") from None
     return rows
+
+
+def jsonl_text(rows: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``text`` into ``path`` by a uniquely named temporary file and a rename: readers (and
+    several ranks writing the same file) never see a partial file; a failed write leaves no
+    temporary file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def check_output_file(out: Path, inputs: Iterable[str | Path] = (), option: str = "--out") -> None:

@@ -60,11 +60,9 @@ What a tiny reward model can learn here
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
-import os
 import random
 import re
 import sys
@@ -75,6 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from wprctl.data.prompts import post_from_prompt, tldr_prompt
+from wprctl.jsonl import jsonl_text, write_text_atomic
 
 # --------------------------------------------------------------------------------------------
 # lexicon
@@ -631,11 +630,11 @@ def kept_demo_rows(folder: Path, seed: int, split: str, n: int) -> list[dict[str
         _say(f"{path} does not match its key {key_path.name} (edited, truncated, or from another "
              "version of the generator): generating the demo rows again")  # fmt: skip
     rows = demo_rows(seed, split, n)
-    text = _jsonl(rows)
+    text = jsonl_text(rows)
     try:
-        _write_atomic(path, text)
+        write_text_atomic(path, text)
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        _write_atomic(key_path, json.dumps({**want, "sha256": digest}) + "\n")
+        write_text_atomic(key_path, json.dumps({**want, "sha256": digest}) + "\n")
     except OSError as exc:
         _say(f"could not keep the demo rows in {path} ({exc.strerror or exc}); this run uses the "
              "rows it generated, and the next one generates them again")  # fmt: skip
@@ -659,23 +658,6 @@ def _source_hash() -> str:
 def _generator_key(seed: int, split: str, n: int) -> dict[str, Any]:
     version = ".".join(map(str, sys.version_info[:2]))
     return {"generator": _source_hash(), "python": version, "seed": seed, "split": split, "n": n}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # one temporary name per process: several ranks may write the same file at once
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-def _jsonl(rows: list[dict[str, Any]]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def demo_tokenizer_corpus(seed: int = 0, n_posts: int = 3000) -> Iterator[str]:

@@ -56,12 +56,8 @@ def load_examples(
     return cached
 
 
-def _demo_n(cfg: Any, split: str) -> int:
-    return cfg.demo.n_train if split == "train" else cfg.demo.n_validation
-
-
 def _demo_source(cfg: Any, split: str, seed: int, write_dir: Path | None) -> SourceRows:
-    n = _demo_n(cfg, split)
+    n = cfg.demo.n_train if split == "train" else cfg.demo.n_validation
     desc = f"demo task (seed {seed}, {split})"
     raw = (
         demo_rows(seed, split, n)

@@ -8,37 +8,21 @@ per id: the row with the lowest `sample` index, or the first row when there is n
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from wprctl.errors import UserError
-from wprctl.jsonl import read_jsonl
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from wprctl.jsonl import jsonl_text, read_jsonl, write_text_atomic
 
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    _atomic_write(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text_atomic(Path(path), jsonl_text(rows))
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    _atomic_write(Path(path), json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(Path(path), json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def id_key(value: Any) -> str:

@@ -50,11 +50,11 @@ def resolve_variant(manifest: Manifest, kind: str, variant: str | None) -> tuple
     return manifest.for_variant(variant), variant
 
 
-def resume_hint(kind: str, name: str, run: RunDir) -> str:
-    variant = f" --variant {name}" if name != kind else ""
+def resume_hint(run: RunDir) -> str:
+    command = f"wprctl {run.kind}" + (f" --variant {run.name}" if run.name != run.kind else "")
     if run.has_checkpoint():
-        return f"`wprctl {kind}{variant} --resume` continues from the last checkpoint"
-    return f"no checkpoint yet: `wprctl {kind}{variant} --force` starts it again"
+        return f"`{command} --resume` continues from the last checkpoint"
+    return f"no checkpoint yet: `{command} --force` starts it again"
 
 
 # Signals that end a rank, by number; a status that would name another one is an exit code.
@@ -118,12 +118,10 @@ def execute_stage(
         if code != 0 and signum:
             state = run.state()
             if state.get("status") == "stopped":
-                how = f"{state['error']}; {resume_hint(kind, name, run)}"
+                how = f"{state['error']}; {resume_hint(run)}"
             else:  # stopped before the training loop, or killed while saving
                 fail_run(run, "interrupted")
-                how = (
-                    f"interrupted; {run.root} keeps what was saved ({resume_hint(kind, name, run)})"
-                )
+                how = f"interrupted; {run.root} keeps what was saved ({resume_hint(run)})"
             kept = settle_replaced(manifest, run, succeeded=False)
             # a rank that failed while stopping said why
             raise StopRequested(
@@ -141,7 +139,7 @@ def execute_stage(
                 raise RunError(said + (f"\n{kept}" if kept else ""))
             raise RunError(
                 f"{name}: {how}; "
-                + (kept or f"partial output is in {run.root} ({resume_hint(kind, name, run)})")
+                + (kept or f"partial output is in {run.root} ({resume_hint(run)})")
             )
         settle_replaced(manifest, run, succeeded=True)
         return run.state().get("metrics", {})
@@ -190,9 +188,7 @@ def execute_stage(
     except StopRequested as exc:
         stop_run(run, str(exc))
         settle(False)
-        stopped = StopRequested(
-            exc.signum, exc.step, f"{name}: {exc}; {resume_hint(kind, name, run)}"
-        )
+        stopped = StopRequested(exc.signum, exc.step, f"{name}: {exc}; {resume_hint(run)}")
         stopped.quiet = not owner  # the parent says it, from state.json
         raise stopped from None
     except WprctlError as exc:
@@ -206,7 +202,7 @@ def execute_stage(
         kept = settle(False)
         err_console.print(
             f"{name}: interrupted; "
-            + (kept or f"{run.root} keeps what was saved ({resume_hint(kind, name, run)})")
+            + (kept or f"{run.root} keeps what was saved ({resume_hint(run)})")
         )
         raise
     except Exception as exc:
@@ -220,7 +216,7 @@ def execute_stage(
         raise for_parent(
             RunError(
                 f"{name} failed: {type(exc).__name__}: {exc}\n  traceback: {log}\n  "
-                + (kept or f"partial output: {run.root} ({resume_hint(kind, name, run)})")
+                + (kept or f"partial output: {run.root} ({resume_hint(run)})")
             )
         ) from exc
     settle(True)
