@@ -31,6 +31,9 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 # (values, reward score), which would otherwise wait for the whole solve; no fastmath: the guards
 # rely on inf and NaN behaving as IEEE says
 OPTS: dict[str, Any] = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)
+# for loops that sum: reassociation lets LLVM vectorize them; still no nnan or ninf, which would
+# license it to drop the guards
+SUM_OPTS: dict[str, Any] = dict(OPTS, fastmath={"reassoc", "contract"})
 
 # one parallel launch at a time: the workqueue layer does not take concurrent ones
 _LAUNCH = threading.Lock()

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from wprctl.ot.compiled import OPTS, chunk_bounds, launch
+from wprctl.ot.compiled import OPTS, SUM_OPTS, chunk_bounds, launch
 
 
 @njit(**OPTS)
@@ -134,11 +134,6 @@ def _select_row(xr, zr, act, k, bm, cv, ci, work, tx, tz, ids):
 
 # ------------------------------------------------------------------------------------ compress
 
-
-# Sums of finite terms only (callers clamp): reassociation lets LLVM vectorize them; no nnan or
-# ninf, which would license it to drop the guards elsewhere.
-_SUM_OPTS = dict(OPTS, fastmath={"reassoc", "contract"})
-
 _EXP_MIN = np.float32(-87.0)  # exp below this is under float32's normal range: taken as 0
 
 
@@ -169,7 +164,7 @@ def _exp_shifted(row, m, e, t, kb):
         bits[i] += kb[i] if bits[i] != 0 else 0
 
 
-@njit(**_SUM_OPTS)
+@njit(**SUM_OPTS)  # sums of finite terms only (callers clamp)
 def _sum_and_dot(e, t):
     s = 0.0
     d = 0.0

@@ -13,8 +13,9 @@ One difference in arithmetic, not in the method: after each Sinkhorn half step, 
 search's candidates, the plan is updated by scaling the old entries (``_rescale``: one exp per
 variable instead of one per entry), with an exact recomputation for large changes and at every
 8th Newton step. And the sums (plan marginals, dot products, the Schur complement) are added in
-whatever order vectorizes (``_SUM_OPTS``). tests/test_ot_wellposed_compiled.py checks that both
-versions give the same potentials (to float32 output precision) and the same iteration counts.
+whatever order vectorizes (``compiled.SUM_OPTS``). tests/test_ot_wellposed_compiled.py checks
+that both versions give the same potentials (to float32 output precision) and the same iteration
+counts.
 
 Division and logarithm follow IEEE (``error_model="numpy"``: 1/0 = inf, log 0 = -inf), as in
 torch, and the same guards make the same non-finite values harmless.
@@ -28,12 +29,10 @@ import numpy as np
 from numba import njit, prange
 
 from wprctl.ot.compiled import OPTS as _OPTS
+from wprctl.ot.compiled import SUM_OPTS as _SUM_OPTS
 from wprctl.ot.compiled import chunk_bounds, launch
 
 _TINY = np.finfo(np.float64).tiny
-# the loops that sum: reassociation lets LLVM vectorize them (the sums' order is not the tensor
-# version's anyway); no nnan or ninf, which would license it to drop the guards
-_SUM_OPTS = dict(_OPTS, fastmath={"reassoc", "contract"})
 _RIDGE = 1e-10  # the preconditioner's relative ridge (``wellposed._Precond``)
 
 
