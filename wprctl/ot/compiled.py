@@ -34,6 +34,9 @@ OPTS: dict[str, Any] = dict(cache=True, nogil=True, error_model="numpy", fastmat
 # for loops that sum: reassociation lets LLVM vectorize them; still no nnan or ninf, which would
 # license it to drop the guards
 SUM_OPTS: dict[str, Any] = dict(OPTS, fastmath={"reassoc", "contract"})
+# for loops that evaluate ``vecmath``'s exp and log: fused multiply-adds (fewer operations, each
+# rounded once), but no reassociation, which would undo their range reductions
+VEC_OPTS: dict[str, Any] = dict(OPTS, fastmath={"contract"})
 
 # one parallel launch at a time: the workqueue layer does not take concurrent ones
 _LAUNCH = threading.Lock()
