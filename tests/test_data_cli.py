@@ -88,6 +88,8 @@ def test_show_json_marks_where_the_loss_applies(tmp_path: Path, capsys, tiny_tok
     assert pair["chosen_prompt"] == pair["rejected_prompt"] and pair["chosen"] != pair["rejected"]
     code, out, _ = run(["data", "show", *common[:-3], "--stage", "ppo", "--n", "1"], capsys)
     assert code == 0 and "TL;DR:" in out and "loss" not in out.split("\n")[0]
+    code, out, _ = run(["data", "show", *common[:-2], "-n", "3"], capsys)  # the short form
+    assert code == 0 and len(json.loads(out)) == 3
 
 
 def test_nothing_left_exits_2_naming_file_and_first_bad_line(tmp_path: Path) -> None:

@@ -197,9 +197,15 @@ def test_bad_input_exits_2(project: Path, tiny_model_dir: Path, rm_dir: Path, ca
     code, err = exit_code(
         capsys, "infer", *m, "--model", "no-such-model", "--reward-model", str(rm_dir)
     )
-    assert code == 2 and "'no-such-model' is neither a finished stage" in err
+    # named as the user gave it: the flag, or the manifest key
+    assert code == 2 and "--model: 'no-such-model' is neither a finished stage" in err
+    code, err = exit_code(capsys, "infer", *m, "--set", "infer.model=no-such-model")
+    assert code == 2 and "infer.model: 'no-such-model' is neither a finished stage" in err
     code, err = exit_code(capsys, "infer", *m, "--model", "ppo-kl", "--reward-model", str(rm_dir))
     assert code == 2 and "stage 'ppo-kl' has no finished output" in err
+    code, err = exit_code(capsys, "infer", *m, "--model", str(tiny_model_dir), "--reward-model",
+                          "no-such-rm")  # fmt: skip
+    assert code == 2 and "--reward-model: 'no-such-rm' is neither a finished stage" in err
     code, err = exit_code(capsys, "infer", *m, "--num-samples", "0", "--temperature", "-1")
     assert code == 2 and "--num-samples 0" in err and "--temperature -1" in err
     code, err = exit_code(capsys, "infer", *m, "--model", str(tiny_model_dir), "--split", "test")

@@ -99,6 +99,36 @@ def test_out_of_range_and_cross_field_checks(tmp_path: Path) -> None:
         load_manifest(_write(tmp_path, 'stages = ["sfft"]\n'))
 
 
+def test_did_you_mean_knows_other_tools_names_and_nested_tables(tmp_path: Path) -> None:
+    """TRL's names for our settings, a key one table too high, in the file and in --set."""
+    p = _write(tmp_path, "[dar]\nmax_steps = 3\n[data]\nn_train = 5\n")
+    with pytest.raises(UserError) as err:
+        load_manifest(p)
+    msg = str(err.value)
+    assert "dar.max_steps" in msg and "did you mean 'iterations'" in msg
+    assert "data.n_train" in msg and "did you mean 'data.demo.n_train'" in msg
+    p = _write(tmp_path, "")
+    with pytest.raises(UserError, match="unknown key 'learning_rate' in sft; did you mean 'lr'"):
+        load_manifest(p, ["sft.learning_rate=1e-4"])
+    with pytest.raises(UserError, match="did you mean 'ppo.regularizer.kind'"):
+        load_manifest(p, ["ppo.kind=kl"])
+    # a close spelling still wins over a nested table's key
+    with pytest.raises(UserError, match="did you mean 'lr'"):
+        load_manifest(p, ["sft.lrr=1"])
+    with pytest.raises(UserError, match=r"not one entry of a list: --set 'stages=\[...\]'"):
+        load_manifest(p, ["stages.0=sft"])
+
+
+def test_true_or_false_for_a_number_is_refused_as_written(tmp_path: Path) -> None:
+    """pydantic would read true as 1: epochs = true would run one epoch."""
+    p = _write(tmp_path, "[sft]\nepochs = true\n")
+    with pytest.raises(UserError, match=r"sft.epochs.*not true or false \(got true\)"):
+        load_manifest(p)
+    with pytest.raises(UserError, match=r"data.demo.n_train \(from --set\).*\(got false\)"):
+        load_manifest(_write(tmp_path, ""), ["data.demo.n_train=false"])
+    assert load_manifest(_write(tmp_path, ""), ["model.gradient_checkpointing=true"])
+
+
 def test_toml_syntax_error_names_the_line(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"not valid TOML.*line 2"):
         load_manifest(_write(tmp_path, "[sft]\nlr = = 1\n"))

@@ -13,7 +13,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import tomllib
 from pydantic import (
@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -35,6 +36,25 @@ STAGE_KINDS = ("sft", "rm", "ppo", "dar", "infer", "judge", "apps-eval", "report
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 for a number field: `n_train = true` would then fail as
+        # "greater than or equal to 10", or pass as epochs = 1
+        if isinstance(value, bool) and info.field_name is not None:
+            leaves = _leaf_types(cls.model_fields[info.field_name].annotation)
+            if bool not in leaves and leaves & {int, float}:
+                raise ValueError("Input should be a number, not true or false")
+        return value
+
+
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The types a (possibly Optional or union) annotation is made of."""
+    args = get_args(annotation)
+    if not args:
+        return {annotation}
+    return set().union(*(_leaf_types(a) for a in args))
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,6 +527,12 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, text = item.split("=", 1)
     key = key.strip()
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*\.[0-9]+", key):
+            head = key.rsplit(".", 1)[0]
+            raise UserError(
+                f"--set {item!r}: --set replaces a whole value, not one entry of a list: "
+                f"--set '{head}=[...]'"
+            )
         raise UserError(f"--set {item!r}: {key!r} is not a dotted manifest key")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
@@ -522,9 +548,11 @@ def _assign(raw: dict[str, Any], key: str, value: Any, origin: str) -> None:
     for i, part in enumerate(parts):
         fields = schema.model_fields if schema is not None else {}
         if schema is not None and part not in fields:
-            where = ".".join(parts[:i]) or "the manifest"
-            hint = _did_you_mean(part, list(fields))
-            raise UserError(f"{origin} {key}: unknown key {part!r} in {where}{hint}")
+            where = ".".join(parts[:i])
+            hint = _key_hint(part, schema, where)
+            raise UserError(
+                f"{origin} {key}: unknown key {part!r} in {where or 'the manifest'}{hint}"
+            )
         if i == len(parts) - 1:
             node[part] = value
             return
@@ -580,15 +608,16 @@ def _format_errors(
             at = f" (line {line})" if line else ""
         if err["type"] == "extra_forbidden":
             parent = _schema_at(loc[:-1])
-            allowed = list(parent.model_fields) if parent is not None else []
-            hint = _did_you_mean(loc[-1], allowed)
+            hint = _key_hint(loc[-1], parent, ".".join(loc[:-1])) if parent is not None else ""
             section = ".".join(loc[:-1]) or "the top level"
             lines.append(f"  - {key}{at}: unknown key {loc[-1]!r} in [{section}]{hint}")
         else:
             given = err.get("input")
+            # the value as TOML writes it (true, not Python's True)
+            shown = str(given).lower() if isinstance(given, bool) else repr(given)
             # a validator's own message may quote the value already
-            quoted = isinstance(given, dict) or f"got {given!r}" in msg
-            got = "" if quoted else f" (got {given!r})"
+            quoted = isinstance(given, dict) or f"got {shown}" in msg
+            got = "" if quoted else f" (got {shown})"
             if msg.startswith(f"{key}: "):
                 msg = msg[len(key) + 2 :]
             lines.append(f"  - {key}{at}: {msg}{got}")
@@ -651,6 +680,36 @@ def _line_of(source: Path, loc: list[str]) -> int | None:
 def _did_you_mean(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+# what users of TRL, DeepSpeed-Chat or OpenRLHF type for a setting that has another name here
+_ALIASES = {
+    "learning_rate": "lr",
+    "max_steps": "iterations",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size",
+    "max_grad_norm": "grad_clip",
+    "lr_scheduler_type": "scheduler",
+}
+
+
+def _key_hint(word: str, schema: type[BaseModel], where: str) -> str:
+    """A did-you-mean for an unknown key ``word`` of the section ``schema`` (at ``where``, a
+    dotted path or ""): the same setting under its name here, a close spelling, or the key in
+    one of the section's own tables (``data.n_train`` for ``data.demo.n_train``)."""
+    fields = schema.model_fields
+    if _ALIASES.get(word) in fields:
+        return f"; did you mean {_ALIASES[word]!r}?"
+    close = _did_you_mean(word, list(fields))
+    if close:
+        return close
+    for name, field in fields.items():
+        table = field.annotation
+        if isinstance(table, type) and issubclass(table, BaseModel) and word in table.model_fields:
+            return f"; did you mean {'.'.join(p for p in (where, name, word) if p)!r}?"
+    return ""
 
 
 def dump_resolved(manifest: Manifest) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from typing import Any
 
 from wprctl.console import is_main_process
 from wprctl.errors import UserError
+from wprctl.jsonl import write_text_atomic
 from wprctl.manifest import STAGE_KINDS, Manifest, dump_resolved
 
 LINEAGE_FILE = "lineage.json"
@@ -41,10 +42,7 @@ _INPUTS: dict[str, float] = {}
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def _read_json(path: Path) -> Any:

@@ -126,7 +126,9 @@ def register(app: typer.Typer) -> None:
             float | None,
             typer.Option("--epsilon", help="Entropic epsilon for the underflow check."),
         ] = None,
-        n: Annotated[int, typer.Option("--n", min=1, help="Neighbours to show per token.")] = 10,
+        n: Annotated[
+            int, typer.Option("--n", "-n", min=1, help="Neighbours to show per token.")
+        ] = 10,
         as_json: JsonOpt = False,
     ) -> None:
         """Nearest tokens and costs in the WPR cost graph, and the kernel underflow at epsilon."""

@@ -19,7 +19,7 @@ StageOpt = Annotated[
     str, typer.Option("--stage", help="The stage whose view to show: sft, rm, ppo, dar or infer.")
 ]
 SplitOpt = Annotated[str, typer.Option("--split", help="train (the stage's part) or eval.")]
-NOpt = Annotated[int, typer.Option("--n", min=1, help="How many examples to show.")]
+NOpt = Annotated[int, typer.Option("--n", "-n", min=1, help="How many examples to show.")]
 
 
 @data_app.command("show")

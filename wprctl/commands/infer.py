@@ -111,4 +111,5 @@ def register(app: typer.Typer) -> None:
                 for e in exc.errors()
             )
             raise UserError(f"wprctl infer: {problems}") from None
-        run_infer(m, cfg, reference=reference)
+        named = {k: "--" + k.replace("_", "-") for k in ("model", "reward_model") if k in given}
+        run_infer(m, cfg, reference=reference, named=named)

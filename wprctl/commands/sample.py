@@ -16,7 +16,9 @@ def register(app: typer.Typer) -> None:
             typer.Argument(metavar="FILE.jsonl", help="Inference output (JSONL rows with an id)."),
         ],
         out: Annotated[Path, typer.Option("--out", help="Where to write the subset (JSONL).")],
-        n: Annotated[int, typer.Option("--n", min=1, help="Number of prompts (ids) to keep.")] = 50,
+        n: Annotated[
+            int, typer.Option("--n", "-n", min=1, help="Number of prompts (ids) to keep.")
+        ] = 50,
         seed: Annotated[int, typer.Option("--seed", help="Random seed (the paper's: 42).")] = 42,
         stratify: Annotated[
             str | None,

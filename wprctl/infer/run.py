@@ -15,7 +15,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -123,8 +123,10 @@ def make_scorer(
     cfg: InferConfig,
     examples: Sequence[Example],
     stack: contextlib.ExitStack,
+    what: str = "infer.reward_model",
 ) -> tuple[Any, Any | None]:
-    """(scorer, its tokenizer or None). APPS scores by execution unless a reward model is named."""
+    """(scorer, its tokenizer or None). APPS scores by execution unless a reward model is named.
+    ``what``: the reward model's setting as the user gave it, for messages."""
     from wprctl.infer.rewards import ExecutionScorer, RewardModelScorer, model_identity
     from wprctl.runs import resolve_model_ref
 
@@ -142,7 +144,7 @@ def make_scorer(
     from wprctl.engine import device, select_dtype
     from wprctl.models import load_reward_model, tokenizer_for
 
-    path = resolve_model_ref(manifest, cfg.reward_model or "rm", what="infer.reward_model")
+    path = resolve_model_ref(manifest, cfg.reward_model or "rm", what=what)
     tokenizer = tokenizer_for(manifest, path)
 
     def load() -> Any:
@@ -257,13 +259,20 @@ def reference_rewards(
 
 
 def run_infer(
-    manifest: Manifest, cfg: InferConfig | None = None, *, reference: bool = False
+    manifest: Manifest,
+    cfg: InferConfig | None = None,
+    *,
+    reference: bool = False,
+    named: Mapping[str, str] | None = None,
 ) -> InferResult:
-    """Generate (or take the references), score, append to the output, summarize."""
+    """Generate (or take the references), score, append to the output, summarize.
+
+    ``named``: how the user gave a setting, for messages (``{"model": "--model"}``); by default
+    the manifest key, ``infer.model``."""
     cfg = cfg or manifest.infer
     _quiet_loading()
     with contextlib.ExitStack() as stack:
-        plan = _plan(manifest, cfg, reference, stack)
+        plan = _plan(manifest, cfg, reference, stack, dict(named or {}))
         existing = read_rows(plan.out)
         check_settings(plan.out, plan.settings, has_rows=bool(existing))
         written, ref_mean = _execute(manifest, cfg, plan, {row_key(r) for r in existing})
@@ -305,7 +314,11 @@ class _Plan:
 
 
 def _plan(
-    manifest: Manifest, cfg: InferConfig, reference: bool, stack: contextlib.ExitStack
+    manifest: Manifest,
+    cfg: InferConfig,
+    reference: bool,
+    stack: contextlib.ExitStack,
+    named: dict[str, str],
 ) -> _Plan:
     from wprctl.console import err_console
     from wprctl.data import load_stage_data, stage_examples
@@ -314,15 +327,17 @@ def _plan(
 
     split = check_split(cfg.split)
     dataset = manifest.data.dataset
-    # the data first: a data problem should surface before any model loads
-    examples = stage_examples(manifest, "infer", split)
+    # a mistyped model name first (a lookup, nothing loads), then the data, so that a data
+    # problem surfaces before any model loads
     policy_path: Path | None = None
     label = "reference"
     if not reference:
         ref = cfg.model or default_policy(manifest)
-        policy_path = resolve_model_ref(manifest, ref, what="infer.model")
+        policy_path = resolve_model_ref(manifest, ref, what=named.get("model", "infer.model"))
         label = model_label(manifest, ref, policy_path)
-    scorer, score_tokenizer = make_scorer(manifest, cfg, examples, stack)
+    examples = stage_examples(manifest, "infer", split)
+    what = named.get("reward_model", "infer.reward_model")
+    scorer, score_tokenizer = make_scorer(manifest, cfg, examples, stack, what)
     data = None
     if reference:
         tokenizer = score_tokenizer or tokenizer_for(manifest)
