@@ -148,15 +148,22 @@ def test_reverse_live_flags_are_the_mutual_live_kernel_entries() -> None:
 def test_compiled_paper_reads_uint16_and_int32_knn_ids_alike(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The compiled solver streams the kNN rows as ``CostGraph.knn_narrow``: uint16 up to 65536
+    """The compiled solvers stream the kNN rows as ``CostGraph.knn_narrow`` (the paper solver's
+    kernel rows, the well-posed one's edge builder, which prefetches them): uint16 up to 65536
     tokens, int32 above. Both give the same results, bit for bit."""
     emb, logits, ref, actions, mask = problem(V=300, B=2, T=20, seed=3)
     graph = CostGraph.from_embeddings(emb, k=24)
     pair = compress_topk(logits, ref, actions, 16, mask)
-    kw = dict(epsilon=graph.median_knn_cost() / 5, max_iter=20, tol=1e-6, return_value=True)
+    kw = dict(epsilon=graph.median_knn_cost() / 5, tol=1e-6, return_value=True)
+    iters = {"paper": 20, "wellposed": 200}
     assert graph.knn_narrow().dtype == torch.uint16
-    narrow = wpr_potentials_topk(pair, graph, method="paper", backend="compiled", **kw)
+    narrow = {
+        m: wpr_potentials_topk(pair, graph, method=m, backend="compiled", max_iter=n, **kw)
+        for m, n in iters.items()
+    }
     monkeypatch.setattr(CostGraph, "knn_narrow", lambda self: self.knn.to(torch.int32))
-    wide = wpr_potentials_topk(pair, graph, method="paper", backend="compiled", **kw)
-    for name in ("potential", "ot_value", "iterations", "marginal_error"):
-        assert torch.equal(getattr(narrow, name), getattr(wide, name)), name
+    for method, n in iters.items():
+        wide = wpr_potentials_topk(pair, graph, method=method, backend="compiled", max_iter=n, **kw)
+        for name in ("potential", "ot_value", "iterations", "marginal_error"):
+            assert torch.equal(getattr(narrow[method], name), getattr(wide, name)), (method, name)
+    assert narrow["wellposed"].converged_fraction == 1.0
