@@ -406,29 +406,23 @@ def solve_position(
     V = 32k, k2 = 128. Such a slot's plan entries, gradient and steps are exactly 0 and its
     potentials never change, so leaving it out changes nothing but the work of every per-slot
     loop."""
-    S = la.shape[0]
-    slot_of = np.full(S, -1, np.int64)
-    kept = np.empty(S, np.int64)
-    n = 0
-    for i in range(S):
-        if la[i] > -math.inf or lb[i] > -math.inf:
-            slot_of[i] = n
-            kept[n] = i
-            n += 1
-    if n == S:
+    used = (la > -math.inf) | (lb > -math.inf)
+    kept = np.flatnonzero(used)
+    n = kept.shape[0]
+    if n == la.shape[0]:
         return _solve_slots(la, lb, laD, lbD, lam, ei, ej, ce, lam_r, log_rho, F, G, H,
                             max_iter, tol, max_cg, cap, damp)  # fmt: skip
-    kept = kept[:n]
+    slot_of = np.full(la.shape[0], -1, np.int64)
+    slot_of[kept] = np.arange(n)
     # an edge to an unused slot carries exp(-inf) = 0
+    ci, cj, cc = np.empty_like(ei), np.empty_like(ej), np.empty_like(ce)
     E = 0
     for e in range(ei.shape[0]):
-        E += slot_of[ei[e]] >= 0 and slot_of[ej[e]] >= 0
-    ci, cj, cc = np.empty(E, np.int64), np.empty(E, np.int64), np.empty(E, ce.dtype)
-    E = 0
-    for e in range(ei.shape[0]):
-        if slot_of[ei[e]] >= 0 and slot_of[ej[e]] >= 0:
-            ci[E], cj[E], cc[E] = slot_of[ei[e]], slot_of[ej[e]], ce[e]
+        i, j = slot_of[ei[e]], slot_of[ej[e]]
+        if i >= 0 and j >= 0:
+            ci[E], cj[E], cc[E] = i, j, ce[e]
             E += 1
+    ci, cj, cc = ci[:E], cj[:E], cc[:E]
     cF, cG = F[kept], G[kept]
     out = _solve_slots(la[kept], lb[kept], laD, lbD, lam[kept], ci, cj, cc, lam_r, log_rho,
                        cF, cG, H, max_iter, tol, max_cg, cap, damp)  # fmt: skip
