@@ -112,6 +112,12 @@ def test_did_you_mean_knows_other_tools_names_and_nested_tables(tmp_path: Path) 
         load_manifest(p, ["sft.learning_rate=1e-4"])
     with pytest.raises(UserError, match="did you mean 'ppo.regularizer.kind'"):
         load_manifest(p, ["ppo.kind=kl"])
+    # PPO has two learning rates: both are offered, for our name and for TRL's
+    for word in ("lr", "learning_rate"):
+        with pytest.raises(
+            UserError, match=f"'{word}' in ppo; did you mean 'actor_lr' or 'critic_lr'"
+        ):
+            load_manifest(p, [f"ppo.{word}=1e-6"])
     # a close spelling still wins over a nested table's key
     with pytest.raises(UserError, match="did you mean 'lr'"):
         load_manifest(p, ["sft.lrr=1"])

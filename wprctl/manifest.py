@@ -698,13 +698,17 @@ _ALIASES = {
 def _key_hint(word: str, schema: type[BaseModel], where: str) -> str:
     """A did-you-mean for an unknown key ``word`` of the section ``schema`` (at ``where``, a
     dotted path or ""): the same setting under its name here, a close spelling, or the key in
-    one of the section's own tables (``data.n_train`` for ``data.demo.n_train``)."""
+    one of the section's own tables (``data.n_train`` for ``data.demo.n_train``), or the keys
+    that qualify it (``ppo.lr``: ``actor_lr`` or ``critic_lr``)."""
     fields = schema.model_fields
     if _ALIASES.get(word) in fields:
         return f"; did you mean {_ALIASES[word]!r}?"
     close = _did_you_mean(word, list(fields))
     if close:
         return close
+    qualified = [name for name in fields if name.endswith("_" + _ALIASES.get(word, word))]
+    if qualified:
+        return f"; did you mean {' or '.join(repr(name) for name in qualified)}?"
     for name, field in fields.items():
         table = field.annotation
         if isinstance(table, type) and issubclass(table, BaseModel) and word in table.model_fields:

@@ -81,8 +81,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Batch generation with reward scores, resumable; ROUGE and reference rewards in a summary.
 
-        Writes JSONL rows {id, prompt, response, reward, sample, model, length, eos, reference,
-        ...} and <out>.summary.json. A rerun continues where a killed run stopped."""
+        One JSONL row per response (id, prompt, response, reward, ...), and <out>.summary.json.
+        A rerun continues where a killed run stopped."""
         from pydantic import ValidationError
 
         from wprctl.console import quiet_library_warnings
