@@ -103,6 +103,13 @@ def test_run_resumes_a_killed_stage(tmp_path: Path) -> None:
     )
     assert "-> 0.002; `wprctl run --from rm --to rm --force` redoes it)" in flat
     assert "sft: finished earlier, skipped (" not in flat  # its settings did not change
+    # --stale redoes what read a redone stage, and nothing else
+    res = run_cli("run", "-m", manifest, *sets, "--stale")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "rm (rm) — starting over (stale: sft redone since)" in res.stdout
+    assert "sft: finished earlier, skipped" in res.stdout
+    res = run_cli("run", "-m", manifest, *sets, "--stale")
+    assert res.stdout.count("finished earlier, skipped") == 2 and "stale" not in res.stdout
     res = run_cli("run", "-m", manifest, *sets, "--from", "rm", "--to", "sft")
     assert res.returncode == 2 and "--from 'rm' comes after --to 'sft'" in res.stderr
 

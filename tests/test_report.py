@@ -92,7 +92,11 @@ class FakeProject:
         with (root / "metrics.jsonl").open("w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
             fh.write(torn_tail)
-        outputs = outputs if outputs is not None else {"model": str(root / "model")}
+        from wprctl.runs import portable
+
+        if outputs is None:
+            outputs = {"model": str(root / "model")}
+        outputs = portable(outputs, self.out)  # as finish_run writes them
         final = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}
         self.t += 60
         state: dict[str, Any] = {"status": status, "kind": kind, "started": self.t - 55}
@@ -336,6 +340,18 @@ def test_full_demo_every_figure_table_and_link(tmp_path: Path, capsys) -> None:
     assert "| apps-reference | all | 8 | 24 | 1 | 1 | 1 | 1 | 1 |" in index
     # terminal tables
     assert "Policy optimisation" in output and "judge-wpr-vs-sft" in output
+
+
+def test_a_moved_project_still_names_the_judged_policies(tmp_path: Path, capsys) -> None:
+    """Judge summaries name their inference files at the place they were judged."""
+    (tmp_path / "a").mkdir()
+    FakeProject(tmp_path / "a").full_demo()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")
+    code, output = report(capsys, "-m", str(tmp_path / "b" / "wprctl.toml"))
+    assert code == 0, output
+    index = (tmp_path / "b" / "runs" / "report" / "index.md").read_text()
+    assert "| ppo-wpr vs ppo-kl | 30/4/14 |" in row(index, "Judge", "judge-wpr-vs-kl")
 
 
 def test_partial_run_sft_finished_ppo_running_with_torn_line(tmp_path: Path, capsys) -> None:

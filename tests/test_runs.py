@@ -111,11 +111,28 @@ def test_a_run_whose_input_was_redone_reads_as_stale(tmp_path: Path) -> None:
     finish_run(manifest, run, {"jsonl": str(gens)}, {})
     assert stale_inputs(read_lineage(manifest), "judge") == ["infer"]
 
-    # `wprctl status` and the report agree, also on a run known from the lineage alone
+    # a report goes stale when a run it shows is redone, not for a run shown stale in it (ppo)
+    run, _ = prepare_run(manifest, "report", "report", resume=False, force=False)
+    collect_runs(manifest)
+    finish_run(manifest, run, {}, {})
+    assert read_lineage(manifest)["report"]["inputs"].keys() == {
+        "sft",
+        "rm",
+        "ppo",
+        "infer",
+        "judge",
+    }
+    assert stale_inputs(read_lineage(manifest), "report") == []
+    finish("rm", force=True, reads="sft")
+    assert stale_inputs(read_lineage(manifest), "report") == ["rm"]
+
+    # `wprctl status` and the report agree, also on a run known from the lineage alone (a report
+    # does not show itself)
     (manifest.output_dir / "ppo" / "state.json").unlink()
     (manifest.output_dir / "stray").mkdir()  # a folder that is no stage's
     said = {r["name"]: (r["status"], r["stale_inputs"]) for r in stage_status(manifest)}
     seen = {r.name: (r.status, r.stale_inputs) for r in collect_runs(manifest)}
+    assert said.pop("report") == ("finished", ["rm"])
     assert said == seen and said["ppo"] == ("finished", ["rm"]) and "stray" not in said
 
     # a run redone since speaks for itself: while it runs, nothing of the run it replaces shows

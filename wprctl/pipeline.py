@@ -201,8 +201,11 @@ def run_pipeline(
     stop: str | None = None,
     num_processes: int | None = None,
     force: bool = False,
+    redo_stale: bool = False,
 ) -> list[StageOutcome]:
-    """``force``: the selected stages start over, finished or not (as each stage's --force)."""
+    """``force``: the selected stages start over, finished or not (as each stage's --force).
+    ``redo_stale``: so do the finished ones whose inputs were redone since they read them; a stage
+    redone here makes the ones after it that read it stale in turn, so they are redone too."""
     from wprctl.stages import execute_stage
 
     overrides = list(overrides or [])
@@ -213,7 +216,9 @@ def run_pipeline(
         kind = variant.stage if variant else name
         run = run_dir(base, name, kind)
         status = run.status
-        if status == "finished" and not force:
+        stale = stale_inputs(read_lineage(base), name) if status == "finished" else []
+        over = force or bool(redo_stale and stale)
+        if status == "finished" and not over:
             state = run.state()
             outcomes.append(
                 StageOutcome(
@@ -222,7 +227,7 @@ def run_pipeline(
             )
             redo = f"`wprctl run --from {name} --to {name} --force` redoes it"
             why = []
-            if stale := stale_inputs(read_lineage(base), name):
+            if stale:
                 why.append(f"stale: {', '.join(stale)} redone since")
             if changed := settings_changed_since(base.for_variant(name) if variant else base, run):
                 why.append(f"run with other settings: {describe_changes(changed, 4)}")
@@ -231,9 +236,14 @@ def run_pipeline(
                 + (f" [yellow]({'; '.join(why)}; {redo})[/]" if why else "")
             )
             continue
+        again = f" — starting over (stale: {', '.join(stale)} redone since)" if stale else ""
         console.rule(
             f"[bold]{name}[/] ({kind})"
-            + ((" — starting over" if force else " — resuming") if status != "absent" else "")
+            + (
+                again or (" — starting over" if force else " — resuming")
+                if status != "absent"
+                else ""
+            )
         )
         t0 = time.time()
         try:
@@ -243,11 +253,11 @@ def run_pipeline(
                 argv += ["--variant", name] if variant else []
                 metrics = execute_stage(
                     kind, manifest_path, overrides, variant=name if variant else None,
-                    resume=status != "absent" and not force, force=force,
+                    resume=status != "absent" and not over, force=over,
                     num_processes=num_processes, argv=argv,
                 ) or {}  # fmt: skip
             else:
-                metrics = _eval_stage(manifest_path, overrides, base, name, kind, force=force)
+                metrics = _eval_stage(manifest_path, overrides, base, name, kind, force=over)
         except BaseException as exc:
             how = "stopped" if isinstance(exc, StopRequested) else "failed"
             outcomes.append(StageOutcome(name, kind, how, time.time() - t0, {}, str(run.root)))

@@ -343,14 +343,15 @@ def finish_run(
         return
     clean = {k: v for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
     stored = portable(outputs, manifest.output_dir)
-    run.update_state(status="finished", finished=time.time(), outputs=stored, metrics=clean)
+    now = time.time()
+    run.update_state(status="finished", finished=now, outputs=stored, metrics=clean)
     lineage = _read_json(manifest.output_dir / LINEAGE_FILE) or {}
     lineage[run.name] = {
         "kind": run.kind,
         "inputs": dict(_INPUTS),
         "outputs": stored,
         "metrics": clean,
-        "finished": time.time(),
+        "finished": now,
     }
     _write_json_atomic(manifest.output_dir / LINEAGE_FILE, lineage)
 
@@ -478,15 +479,18 @@ def note_output_path(lineage: dict[str, Any], path: Path, key: str) -> None:
 def stale_inputs(lineage: dict[str, Any], name: str) -> list[str]:
     """The runs upstream of finished run ``name`` that were redone (or removed) after their
     results flowed into it: its own inputs, and theirs (a judgement of answers sampled from a
-    policy trained on a reward model that was retrained since is out of date too)."""
+    policy trained on a reward model that was retrained since is out of date too). A report's
+    own inputs only: it shows every run it read with that run's staleness, so only redoing one of
+    them makes the report itself out of date."""
     redone: set[str] = set()
     seen = {name}
     todo = [name]
+    transitive = lineage.get(name, {}).get("kind") != "report"
     while todo:
         for k, t in lineage.get(todo.pop(), {}).get("inputs", {}).items():
             if lineage.get(k, {}).get("finished") != t:
                 redone.add(k)
-            elif k not in seen:
+            elif transitive and k not in seen:
                 seen.add(k)
                 todo.append(k)
     return sorted(redone)

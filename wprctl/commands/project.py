@@ -109,13 +109,24 @@ def run(
             help="Start the selected stages over, finished ones too (pick them with --from/--to).",
         ),
     ] = False,
+    stale: Annotated[
+        bool,
+        typer.Option(
+            "--stale",
+            help="Also redo the finished stages whose inputs were redone since (the ones said to "
+            "be stale), and in turn the ones that read them.",
+        ),
+    ] = False,
 ) -> None:
     """Run the manifest's `stages` in order: finished ones are skipped, partial ones resumed, and the
     first failure stops the run. Named \\[\\[variants]] (e.g. PPO with kl and with wpr) get their own
     output folders. Ends with a summary table."""
     from wprctl.pipeline import run_pipeline
 
-    run_pipeline(manifest, set_, start=from_, stop=to, num_processes=num_processes, force=force)
+    run_pipeline(
+        manifest, set_, start=from_, stop=to, num_processes=num_processes, force=force,
+        redo_stale=stale,
+    )  # fmt: skip
 
 
 def quickstart(

@@ -15,7 +15,7 @@ from typing import Any
 
 from wprctl.errors import UserError
 from wprctl.manifest import Manifest
-from wprctl.runs import project_runs, read_metrics
+from wprctl.runs import note_input, project_runs, read_metrics
 
 POLICY_KINDS = ("ppo", "dar")
 
@@ -122,6 +122,7 @@ def collect_runs(manifest: Manifest) -> list[Run]:
             # sits next to the stage's JSONL in its own folder
             summary_path = next(iter(sorted(r.dir.root.glob("*.jsonl.summary.json"))), None)
         summary = read_json_lenient(summary_path) if summary_path else None
+        note_input(r.name, r.entry)  # a report run by `wprctl run` goes stale when r is redone
         runs.append(
             Run(
                 name=r.name,

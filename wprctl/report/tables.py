@@ -218,7 +218,13 @@ def judge_sides(run: Run, names_by_file: dict[str, str]) -> tuple[str, str]:
         path = s.get(key)
         if not path:
             return key.upper()
-        return names_by_file.get(str(Path(path).resolve()), Path(path).stem)
+        name = names_by_file.get(str(Path(path).resolve()))
+        if name is None:
+            # a copied or moved project: its judge summaries name the files at the old place
+            tail = Path(path).parts[-2:]
+            moved = {n for f, n in names_by_file.items() if Path(f).parts[-2:] == tail}
+            name = moved.pop() if len(moved) == 1 else Path(path).stem
+        return name
 
     return side("a"), side("b")
 
