@@ -135,6 +135,7 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     _check_folder(source, "tokenizer")
+    _hub_id_offline_unless_reachable(source)
     try:
         tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except load_errors() as exc:
@@ -226,6 +227,7 @@ def _load(
     # newly initialised weights is not actionable here.
     logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
     _check_folder(source, "model")
+    _hub_id_offline_unless_reachable(source)
     try:
         return auto_cls.from_pretrained(
             str(source), dtype=dtype, trust_remote_code=trust_remote_code, **kw
@@ -274,6 +276,13 @@ def _check_folder(source: str | Path, what: str) -> None:
         hint = f"; its model is in {inner}" if (inner / needs[0]).exists() else ""
         named = " or ".join(needs[:2]) + (" (or the like)" if len(needs) > 2 else "")
         raise UserError(f"{source}: cannot load the {what}: no {named} in the folder{hint}")
+
+
+def _hub_id_offline_unless_reachable(source: str | Path) -> None:
+    if not Path(source).expanduser().exists():  # a hub id (_check_folder ruled out the rest)
+        from wprctl.hub import offline_unless_reachable
+
+        offline_unless_reachable()
 
 
 def _first_line(exc: BaseException) -> str:

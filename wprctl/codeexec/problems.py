@@ -216,6 +216,9 @@ def _file_rows(path: Path):
 def _hub_rows(hub_id: str, split: str | None):
     name, _, given_split = hub_id.partition(":")
     split = given_split or split or "test"
+    from wprctl.hub import offline_unless_reachable
+
+    offline_unless_reachable()
     try:
         from datasets import load_dataset
 

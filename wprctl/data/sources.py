@@ -213,6 +213,9 @@ def _hub_rows(
 ) -> SourceRows:
     import datasets
 
+    from wprctl.hub import offline_unless_reachable
+
+    offline_unless_reachable()
     config = cfg.config_name or adapter.hub_config
     errors = []
     for name in names:
