@@ -34,6 +34,17 @@ def test_an_unreachable_hub_is_read_from_the_cache_only(tmp_path: Path) -> None:
     assert "127.0.0.1 cannot be reached" in res.stderr
     assert "nobody/no-model: cannot load a tokenizer" in res.stderr
     assert "Retrying" not in res.stderr and "Traceback" not in res.stderr
+    # a dataset's hub id too (the tldr template's data.path)
+    res = run_cli("init", str(tmp_path / "tldr"), "--template", "tldr")
+    assert res.returncode == 0, res.stderr
+    res = run_cli(
+        "data", "show", "-m", str(tmp_path / "tldr" / "wprctl.toml"), "--set", "model.base=tiny",
+        env=_env(tmp_path, "http://127.0.0.1:9"),
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert "data.path: cannot load 'openai/summarize_from_feedback'" in res.stderr
+    assert "Offline? Point data.path at a local copy" in res.stderr
+    assert "Retrying" not in res.stderr and "Traceback" not in res.stderr
 
 
 def test_a_reachable_hub_is_left_online(tmp_path: Path) -> None:
