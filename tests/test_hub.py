@@ -22,29 +22,26 @@ def _env(tmp_path: Path, endpoint: str) -> dict[str, str]:
     return env
 
 
-def test_an_unreachable_hub_is_read_from_the_cache_only(tmp_path: Path) -> None:
-    # port 9 (discard) on this machine: nothing listens, the connection is refused at once
-    res = run_cli("init", str(tmp_path), "--template", "demo")
+def _data_show_offline(tmp_path: Path, template: str, *sets: str) -> str:
+    """`wprctl data show` on a new project of ``template`` with the hub unreachable: port 9
+    (discard) on this machine, where nothing listens, so the connection is refused at once."""
+    res = run_cli("init", str(tmp_path / template), "--template", template)
     assert res.returncode == 0, res.stderr
-    res = run_cli(
-        "data", "show", "-m", str(tmp_path / "wprctl.toml"), "--set", "model.base=nobody/no-model",
-        env=_env(tmp_path, "http://127.0.0.1:9"),
-    )  # fmt: skip
+    manifest = str(tmp_path / template / "wprctl.toml")
+    res = run_cli("data", "show", "-m", manifest, *sets, env=_env(tmp_path, "http://127.0.0.1:9"))
     assert res.returncode == 2, res.stderr
     assert "127.0.0.1 cannot be reached" in res.stderr
-    assert "nobody/no-model: cannot load a tokenizer" in res.stderr
     assert "Retrying" not in res.stderr and "Traceback" not in res.stderr
+    return res.stderr
+
+
+def test_an_unreachable_hub_is_read_from_the_cache_only(tmp_path: Path) -> None:
+    said = _data_show_offline(tmp_path, "demo", "--set", "model.base=nobody/no-model")
+    assert "nobody/no-model: cannot load a tokenizer" in said
     # a dataset's hub id too (the tldr template's data.path)
-    res = run_cli("init", str(tmp_path / "tldr"), "--template", "tldr")
-    assert res.returncode == 0, res.stderr
-    res = run_cli(
-        "data", "show", "-m", str(tmp_path / "tldr" / "wprctl.toml"), "--set", "model.base=tiny",
-        env=_env(tmp_path, "http://127.0.0.1:9"),
-    )  # fmt: skip
-    assert res.returncode == 2, res.stderr
-    assert "data.path: cannot load 'openai/summarize_from_feedback'" in res.stderr
-    assert "Offline? Point data.path at a local copy" in res.stderr
-    assert "Retrying" not in res.stderr and "Traceback" not in res.stderr
+    said = _data_show_offline(tmp_path, "tldr", "--set", "model.base=tiny")
+    assert "data.path: cannot load 'openai/summarize_from_feedback'" in said
+    assert "Offline? Point data.path at a local copy" in said
 
 
 def test_a_reachable_hub_is_left_online(tmp_path: Path) -> None:
