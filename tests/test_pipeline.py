@@ -75,6 +75,27 @@ def test_run_again_skips_finished_stages(
     assert time.time() - t0 < 120
 
 
+def test_a_judge_stage_redone_on_the_same_answers_asks_for_nothing_again(
+    quickstart_small: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    """The judge stages share one cache outside their run folders, which --force replaces."""
+    import shutil
+
+    root, res = quickstart_small
+    assert res.returncode == 0
+    copy = tmp_path / "demo"
+    shutil.copytree(root, copy)  # the other tests read the fixture's project as it is
+    manifest = str(copy / "wprctl.toml")
+    stage = ["--from", "judge-wpr-vs-kl", "--to", "judge-wpr-vs-kl"]
+    again = run_cli("run", "-m", manifest, *stage, "--force")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    summary = copy / "runs" / "judge-wpr-vs-kl" / "judgements.jsonl.summary.json"
+    said = json.loads(summary.read_text())
+    # every pair judged in both orders, all from the cache; no request sent
+    assert said["judged"] == said["pairs"] > 0 and said["cache_hits"] == 2 * said["pairs"]
+    assert said["requests"] == 0
+
+
 def test_run_resumes_a_killed_stage(tmp_path: Path) -> None:
     res = run_cli("init", str(tmp_path), "--template", "demo")
     assert res.returncode == 0

@@ -33,6 +33,8 @@ from wprctl.runs import (
     stale_inputs,
 )
 
+JUDGE_CACHE = "judge_cache.sqlite"  # in the output folder, shared by the judge stages
+
 
 @dataclass
 class StageOutcome:
@@ -137,7 +139,11 @@ def _eval_outputs(
             _jsonl_of(m, m.judge.b, f"{name}: judge.b"),
         )
         out = run.root / "judgements.jsonl"
-        _invoke(["judge", a, b, "--out", str(out), *common])
+        # One cache for the project's judge stages, outside their run folders: its replies are
+        # keyed by endpoint, model, template and texts, so a judge stage redone (--force,
+        # --stale) on the same answers asks the API for nothing again.
+        cache = m.output_dir / JUDGE_CACHE
+        _invoke(["judge", a, b, "--out", str(out), "--cache", str(cache), *common])
         outputs["jsonl"] = str(out)
         metrics = _summary_metrics(out, ("win_rate", "flip_rate", "invalid"))
     elif kind == "apps-eval":
