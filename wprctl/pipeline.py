@@ -242,15 +242,13 @@ def run_pipeline(
                 + (f" [yellow]({'; '.join(why)}; {redo})[/]" if why else "")
             )
             continue
-        again = f" — starting over (stale: {', '.join(stale)} redone since)" if stale else ""
-        console.rule(
-            f"[bold]{name}[/] ({kind})"
-            + (
-                again or (" — starting over" if force else " — resuming")
-                if status != "absent"
-                else ""
-            )
-        )
+        if status == "absent":
+            start_note = ""
+        elif stale:
+            start_note = f" — starting over (stale: {', '.join(stale)} redone since)"
+        else:
+            start_note = " — starting over" if force else " — resuming"
+        console.rule(f"[bold]{name}[/] ({kind}){start_note}")
         t0 = time.time()
         try:
             if kind in TRAINING_KINDS:
