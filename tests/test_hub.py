@@ -16,9 +16,13 @@ PROBE = (
 )
 
 
-def _env(tmp_path: Path, endpoint: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"))  # nothing cached
+def _env(tmp_path: Path, endpoint: str, **extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("HF_", "TRANSFORMERS_")) and "proxy" not in k.lower()
+    }
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"), **extra)  # nothing cached
     return env
 
 
@@ -56,3 +60,21 @@ def test_a_reachable_hub_is_left_online(tmp_path: Path) -> None:
         probe, env=_env(tmp_path, endpoint), capture_output=True, text=True
     )  # the server is closed now
     assert gone.stdout.split() == ["True", "1"], gone.stderr
+
+
+def test_behind_a_proxy_the_proxy_is_what_must_answer(tmp_path: Path) -> None:
+    """Where only a proxy reaches the network, the hub's own host never answers directly."""
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        env = _env(
+            tmp_path, "https://hub.invalid", HTTPS_PROXY=f"127.0.0.1:{proxy.getsockname()[1]}"
+        )
+        probe = subprocess.run(
+            [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True
+        )
+    assert probe.stdout.split() == ["False", "None"], probe.stderr
+    # ... unless NO_PROXY exempts the host: then the host itself must answer, and does not
+    env["NO_PROXY"] = "hub.invalid"
+    probe = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True)
+    assert probe.stdout.split() == ["True", "1"], probe.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import urllib.request
 from urllib.parse import urlparse
 
 CONNECT_TIMEOUT = 3.0
@@ -25,9 +26,7 @@ def offline_unless_reachable() -> bool:
     if hub_constants.HF_HUB_OFFLINE:
         return True
     endpoint = os.environ.get("HF_ENDPOINT") or hub_constants.ENDPOINT
-    url = urlparse(endpoint)
-    host = url.hostname or "huggingface.co"
-    port = url.port or (80 if url.scheme == "http" else 443)
+    host, port = _first_hop(endpoint)
     try:
         with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT):
             return False
@@ -42,6 +41,19 @@ def offline_unless_reachable() -> bool:
             "only (as with HF_HUB_OFFLINE=1)[/]"
         )
     return True
+
+
+def _first_hop(endpoint: str) -> tuple[str, int]:
+    """The host and port a request to ``endpoint`` connects to first: the proxy the environment
+    names for it (HTTPS_PROXY and the like, unless NO_PROXY exempts the host), else the host."""
+    url = urlparse(endpoint)
+    scheme = url.scheme or "https"
+    host = url.hostname or "huggingface.co"
+    proxy = None if urllib.request.proxy_bypass(host) else urllib.request.getproxies().get(scheme)
+    if proxy:
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        scheme, host = url.scheme, url.hostname or host
+    return host, url.port or (443 if scheme == "https" else 80)
 
 
 def _set_offline() -> None:
