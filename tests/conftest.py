@@ -15,6 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Each xdist worker, and every process it starts, gets its share of the cores (a value in the
+# environment is kept). PyTorch's default, one OpenMP thread per core in every process, would run
+# twice as many busy threads as cores: two demo SFT runs side by side took 74 s so, 26 s with one
+# thread each. (Run before the worker imports torch: conftest is read when its config is made.)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 
 
 # The suite runs on two pytest-xdist workers (`-n 2` in pyproject's addopts): much of its time is
@@ -141,16 +148,24 @@ def rm_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
-def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for a `wprctl` child process: ours, without process-group variables."""
+def clean_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
+    """The environment for a `wprctl` child process: ours, without process-group variables, with
+    ``extra`` (None: removed)."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env["COLUMNS"] = "200"
-    env.update(extra or {})
+    for key, value in (extra or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     return env
 
 
 def run_cli(
-    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 900
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str | None] | None = None,
+    timeout: float = 900,
 ) -> subprocess.CompletedProcess[str]:
     """Run `wprctl ARGS` as a user would, in a subprocess; returns the completed process."""
     full_env = clean_env(env)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -177,8 +178,13 @@ def test_run_with_two_processes_launches_each_stage_by_itself(tmp_path: Path) ->
     sets = ["--set", 'stages=["sft", "rm"]', "--set", "model.tiny.hidden_size=32", "--set", "model.tiny.intermediate_size=64",
             "--set", "data.demo.n_train=300", "--set", "data.demo.n_validation=40", "--set", "sft.max_steps=4",
             "--set", "rm.max_steps=4", "--set", "rm.batch_size=8", "--set", "sft.batch_size=8"]  # fmt: skip
-    res = run_cli("run", "-m", str(tmp_path / "wprctl.toml"), *sets, "--num-processes", "2")
+    # without OMP_NUM_THREADS, the ranks share the cores out (the suite sets it for its workers)
+    res = run_cli("run", "-m", str(tmp_path / "wprctl.toml"), *sets, "--num-processes", "2",
+                  env={"OMP_NUM_THREADS": None})  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    each = f"{threads} CPU thread{'s' if threads > 1 else ''} each"
+    assert res.stderr.count(f"launching 2 processes with DeepSpeed, {each}") == 2, res.stderr
     rules = [line for line in res.stdout.splitlines() if line.startswith("───")]
     assert len(rules) == 2 and "sft (sft)" in rules[0] and "rm (rm)" in rules[1], rules
     assert res.stdout.count("rm: done after 4 steps") == 1
