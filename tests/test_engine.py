@@ -91,6 +91,28 @@ def test_save_load_continue_equals_never_stopping(tiny_model_dir: Path, tmp_path
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
 
 
+@pytest.mark.parametrize(("zero", "resume"), [(2, False), (3, True)])
+def test_offload_trains_like_no_offload(
+    tiny_model_dir: Path, tmp_path: Path, zero: int, resume: bool
+) -> None:
+    """ZeRO-Offload (DeepSpeed's CPU Adam; the parameters too under ZeRO-3) is the same AdamW:
+    the losses match the run without offload, and a resumed offloaded run continues exactly."""
+    args = ["--model", str(tiny_model_dir), "--zero", str(zero), "--steps", "4"]
+    plain, offloaded = tmp_path / "plain.json", tmp_path / "offloaded.json"
+    _run([*args, "--out", str(plain)])
+    _run([*args, "--offload", "--out", str(offloaded)])
+    a, b = _losses(plain), _losses(offloaded)
+    assert b["losses"] == pytest.approx(a["losses"], abs=MULTIPROC_TOL)
+    assert b["probe"] == pytest.approx(a["probe"], abs=MULTIPROC_TOL)
+    assert b["probe"] < b["losses"][0]  # it trained
+    if resume:
+        ckpt, out = tmp_path / "ckpt", tmp_path / "resumed.json"
+        _run([*args, "--offload", "--ckpt", str(ckpt), "--save-at", "2", "--out", str(out)])
+        _run([*args, "--offload", "--ckpt", str(ckpt), "--resume", "--out", str(out)])
+        assert _losses(out)["losses"] == pytest.approx(b["losses"][2:], abs=1e-6)
+        assert _losses(out)["probe"] == pytest.approx(b["probe"], abs=1e-6)
+
+
 def test_deepspeed_is_told_cpu_only_where_it_has_no_accelerator_to_find(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,10 +7,11 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from signal import SIGKILL
 
 import pytest
 
-from tests.conftest import kill_after_checkpoint, run_cli
+from tests.conftest import kill_after_checkpoint, run_cli, signal_after_first_step
 
 EXPECTED_PLOTS = {
     "sft_loss.png", "rm_training.png", "policy_reward.png", "policy_penalty.png", "policy_kl.png",
@@ -104,13 +105,21 @@ def test_run_resumes_a_killed_stage(tmp_path: Path) -> None:
     sets = ["--set", 'stages=["sft", "rm"]', "--set", "model.tiny.hidden_size=32", "--set", "model.tiny.intermediate_size=64",
             "--set", "data.demo.n_train=300", "--set", "data.demo.n_validation=40", "--set", "sft.max_steps=4",
             "--set", "rm.max_steps=8", "--set", "rm.save_every=2", "--set", "rm.batch_size=8", "--set", "sft.batch_size=8"]  # fmt: skip
+    # killed before its first checkpoint: the next run says it starts over, not that it resumes
+    longer = ["--set", "sft.max_steps=100000", "--set", "sft.log_every=1"]
+    res = signal_after_first_step(["run", "-m", manifest, *sets, *longer],
+                                  tmp_path / "runs" / "sft" / "metrics.jsonl", SIGKILL)  # fmt: skip
+    assert res.returncode == -SIGKILL
+    res = run_cli("run", "-m", manifest, *sets, "--to", "sft")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "sft (sft) — starting over (no checkpoint to resume from)" in res.stdout
     kill_after_checkpoint(
         ["run", "-m", manifest, *sets], tmp_path / "runs" / "rm" / "checkpoints" / "latest"
     )
     res = run_cli("run", "-m", manifest, *sets)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "sft: finished earlier, skipped" in res.stdout
-    assert "rm: resumed from step" in res.stdout
+    assert "rm (rm) — resuming" in res.stdout and "rm: resumed from step" in res.stdout
     status = json.loads(run_cli("status", "-m", manifest, *sets, "--json").stdout)
     assert [r["status"] for r in status["stages"]][:2] == ["finished", "finished"]
     # a stage redone: the stages that read it are said to be stale when skipped
@@ -143,30 +152,64 @@ def test_run_from_to_and_unknown_stage(tmp_path: Path) -> None:
     assert res.returncode == 2 and "not in the manifest's stages" in res.stderr
 
 
+def _tiny_gpt2(out: Path, tokenizer: object) -> Path:
+    """A tiny GPT-2 folder: another architecture than the tiny Llama (learned positions, a
+    Conv1D-based block, no pad id in its config)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    GPT2LMHeadModel(cfg).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.mark.parametrize(
-    ("pipeline", "sample"),
+    ("pipeline", "sample", "model"),
     [
-        ("tldr", "real_tldr_cnndm.jsonl"),
-        ("hh-rlhf", "real_hh_rlhf.jsonl"),
-        ("apps", "real_apps.jsonl"),
+        ("tldr", "real_tldr_cnndm.jsonl", "gpt2"),
+        ("hh-rlhf", "real_hh_rlhf.jsonl", "tiny"),
+        ("apps", "real_apps.jsonl", "tiny"),
     ],
 )
-def test_paper_pipelines_start_offline_on_local_data(
-    tmp_path: Path, pipeline: str, sample: str
+def test_paper_pipelines_run_offline_on_local_data(
+    tmp_path: Path, tiny_tokenizer: object, pipeline: str, sample: str, model: str
 ) -> None:
-    """The paper's pipelines, pointed at local rows in the hub's schema and the tiny model."""
+    """The paper's pipelines, every stage, pointed at local rows in the hub's schema and a tiny
+    model, with their own engine settings (PPO's critic on ZeRO-3 with offload, which failed at
+    start-up until the offloaded optimizer became DeepSpeed's CPU Adam)."""
+    import tomllib
+    from transformers import AutoConfig
+
     repo = Path(__file__).resolve().parents[1]
+    manifest = repo / "pipelines" / f"{pipeline}.toml"
+    base = str(_tiny_gpt2(tmp_path / "gpt2", tiny_tokenizer)) if model == "gpt2" else model
     res = run_cli(
-        "run", "-m", str(repo / "pipelines" / f"{pipeline}.toml"), "--to", "sft",
-        "--set", f"project.output_dir={tmp_path / 'runs'}", "--set", "model.base=tiny",
+        "run", "-m", str(manifest),
+        "--set", f"project.output_dir={tmp_path / 'runs'}", "--set", f"model.base={base}",
         "--set", f"data.path={repo / 'tests' / 'fixtures' / 'data' / sample}",
-        "--set", "deepspeed.num_processes=1", "--set", "data.data_split=1,0,0",
+        "--set", "deepspeed.num_processes=1", "--set", "data.data_split=1,1,1",
         "--set", "sft.max_steps=2", "--set", "sft.batch_size=1",
+        "--set", "rm.max_steps=2", "--set", "rm.batch_size=1",
+        "--set", "ppo.max_steps=1", "--set", "ppo.batch_size=1", "--set", "ppo.max_answer_len=8",
+        "--set", "ppo.eval_prompts=1", "--set", "ppo.regularizer.wpr.k1=16",
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    state = json.loads((tmp_path / "runs" / "sft" / "state.json").read_text())
-    assert state["status"] == "finished" and state["metrics"]["steps"] == 2.0
-    assert (tmp_path / "runs" / "sft" / "model" / "config.json").exists()
+    stages = tomllib.loads(manifest.read_text())["stages"]
+    for name in stages:
+        state = json.loads((tmp_path / "runs" / name / "state.json").read_text())
+        assert state["status"] == "finished", (name, state)
+    ppo = json.loads((tmp_path / "runs" / "ppo-wpr" / "config.json").read_text())["manifest"]
+    assert ppo["ppo"]["critic_zero_stage"] == 3 and ppo["ppo"]["critic_offload"] is True
+    assert (
+        json.loads((tmp_path / "runs" / "ppo-wpr" / "state.json").read_text())["metrics"]["steps"]
+        == 1.0
+    )
+    # each model is exported as a plain Hugging Face folder of the base's architecture
+    exported = AutoConfig.from_pretrained(tmp_path / "runs" / "ppo-wpr" / "model")
+    assert exported.model_type == ("gpt2" if model == "gpt2" else "llama")
 
 
 def test_run_with_two_processes_launches_each_stage_by_itself(tmp_path: Path) -> None:

@@ -108,8 +108,10 @@ def quiet_library_warnings() -> None:
         r".*Setting `pad_token_id` to `eos_token_id`.*",
         r".*torch.cpu.amp.autocast.*",
         r".*is_torch_tpu_available.*",
-        # DeepSpeed's ZeRO-3 gradient reduction calls the old name; the warning is about it
+        # DeepSpeed's ZeRO-3 gradient reduction and its CPU-offload parameter gathering call the
+        # old names; the warnings are about them
         r".*`torch.distributed.reduce_scatter_tensor` is deprecated.*",
+        r".*`torch.distributed.all_gather_into_tensor` is deprecated.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("DeepSpeed", "deepspeed", "torch.distributed.elastic", "datasets", "evaluate"):

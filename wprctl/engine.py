@@ -195,11 +195,16 @@ class EngineSpec:
     grad_clip: float = 1.0
     dtype: torch.dtype = torch.float32
 
+    @property
+    def optimizer_offloaded(self) -> bool:
+        """Whether the optimizer state lives in CPU memory (ZeRO-Offload; ZeRO stage 1 or more)."""
+        return self.offload_optimizer and self.zero_stage >= 1
+
 
 def ds_config(spec: EngineSpec, *, train: bool = True) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": spec.zero_stage}
     on_gpu = torch.cuda.is_available()
-    if spec.offload_optimizer and spec.zero_stage >= 1 and train:
+    if spec.optimizer_offloaded and train:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if spec.offload_param and spec.zero_stage == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
@@ -223,8 +228,17 @@ def ds_config(spec: EngineSpec, *, train: bool = True) -> dict[str, Any]:
     return cfg
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and norm weights (DeepSpeed-Chat's grouping)."""
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, *, offloaded: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and norm weights (DeepSpeed-Chat's grouping).
+
+    ``offloaded``: DeepSpeed's CPU Adam (the same AdamW update), as DeepSpeed-Chat and OpenRLHF
+    use with ZeRO-Offload. DeepSpeed refuses a client torch optimizer there, and with the check
+    turned off (``zero_force_ds_cpu_optimizer``) a torch AdamW corrupted the ZeRO partitions by the
+    second step (DeepSpeed 0.19, CPU). The op is compiled on first use, about a minute, and cached
+    (``~/.cache/torch_extensions``).
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -236,7 +250,42 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    groups = [g for g in groups if g["params"]]
+    if offloaded:
+        return _cpu_adam(groups, lr)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _cpu_adam(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from wprctl.console import console
+
+    if not _cpu_adam_built():  # else a minute or two without a word
+        console.print("[dim]compiling DeepSpeed's CPU Adam for the offloaded optimizer (once)[/]")
+    try:
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, adamw_mode=True)
+    except Exception as exc:  # the op's compiler, headers or ninja are missing: any error type
+        last = (str(exc).strip().splitlines() or [""])[-1]
+        raise UserError(
+            "optimizer offload (deepspeed.offload_optimizer, ppo.actor_offload, ppo.critic_offload)"
+            f" needs DeepSpeed's CPU Adam, which could not be built here ({type(exc).__name__}:"
+            f" {last}); `ds_report` shows what is missing. Turn the offload off, or install a C++"
+            " compiler and ninja."
+        ) from exc
+
+
+def _cpu_adam_built() -> bool:
+    """Whether DeepSpeed's CPU Adam op is installed or in PyTorch's JIT cache (unknown: True)."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+        from torch.utils.cpp_extension import _get_build_directory
+
+        if installed_ops.get("cpu_adam"):
+            return True
+        return any(Path(_get_build_directory("cpu_adam", verbose=False)).glob("cpu_adam*.so"))
+    except Exception:  # a private helper of PyTorch's: if it moved, say nothing
+        return True
 
 
 def make_scheduler(
@@ -274,7 +323,7 @@ def init_trainable(
 
     init_distributed()
     model = model.to(dtype=spec.dtype)
-    optimizer = make_optimizer(model, lr, weight_decay)
+    optimizer = make_optimizer(model, lr, weight_decay, offloaded=spec.optimizer_offloaded)
     sched = make_scheduler(optimizer, scheduler, warmup_steps, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=sched, config=ds_config(spec, train=True)

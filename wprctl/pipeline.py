@@ -246,8 +246,12 @@ def run_pipeline(
             start_note = ""
         elif stale:
             start_note = f" — starting over (stale: {', '.join(stale)} redone since)"
+        elif force:
+            start_note = " — starting over"
+        elif kind in TRAINING_KINDS and not run.has_checkpoint():
+            start_note = " — starting over (no checkpoint to resume from)"
         else:
-            start_note = " — starting over" if force else " — resuming"
+            start_note = " — resuming"
         console.rule(f"[bold]{name}[/] ({kind}){start_note}")
         t0 = time.time()
         try:

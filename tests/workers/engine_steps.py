@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--ckpt", default=None)
     p.add_argument("--save-at", type=int, default=None)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--offload", action="store_true", help="ZeRO-Offload: optimizer (and params)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -35,7 +36,13 @@ def main() -> None:
     eng.seed_everything(0)
     world, rank = eng.world_size(), eng.rank()
     model = load_causal_lm(args.model)
-    spec = eng.EngineSpec(zero_stage=args.zero, micro_batch=GLOBAL_BATCH // world, grad_clip=1.0)
+    spec = eng.EngineSpec(
+        zero_stage=args.zero,
+        offload_optimizer=args.offload,
+        offload_param=args.offload,
+        micro_batch=GLOBAL_BATCH // world,
+        grad_clip=1.0,
+    )
     engine = eng.init_trainable(
         model,
         spec,
