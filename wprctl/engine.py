@@ -225,6 +225,10 @@ def ds_config(spec: EngineSpec, *, train: bool = True) -> dict[str, Any]:
     }
     if train and spec.grad_clip > 0:
         cfg["gradient_clipping"] = spec.grad_clip
+    if spec.optimizer_offloaded and train:
+        # make_optimizer gives DeepSpeed's CPU Adam where it can be built, PyTorch's AdamW where
+        # not; DeepSpeed would refuse the latter
+        cfg["zero_force_ds_cpu_optimizer"] = False
     return cfg
 
 
@@ -233,11 +237,11 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """AdamW without weight decay on biases and norm weights (DeepSpeed-Chat's grouping).
 
-    ``offloaded``: DeepSpeed's CPU Adam (the same AdamW update), as DeepSpeed-Chat and OpenRLHF
-    use with ZeRO-Offload. DeepSpeed refuses a client torch optimizer there, and with the check
-    turned off (``zero_force_ds_cpu_optimizer``) a torch AdamW corrupted the ZeRO partitions by the
-    second step (DeepSpeed 0.19, CPU). The op is compiled on first use, about a minute, and cached
-    (``~/.cache/torch_extensions``).
+    ``offloaded``: DeepSpeed's CPU Adam (the same AdamW update, vectorized over the offloaded fp32
+    master weights), as DeepSpeed-Chat and OpenRLHF use with ZeRO-Offload; DeepSpeed refuses a
+    client PyTorch optimizer there by default. The op is compiled on first use (a minute or two)
+    and cached (``~/.cache/torch_extensions``). Where it cannot be built (no C++ compiler),
+    PyTorch's AdamW takes its place with a warning: slower on a large model, the same result.
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -251,15 +255,16 @@ def make_optimizer(
         {"params": no_decay, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    if offloaded:
-        return _cpu_adam(groups, lr)
+    if offloaded and (cpu_adam := _cpu_adam(groups, lr)) is not None:
+        return cpu_adam
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def _cpu_adam(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+def _cpu_adam(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer | None:
+    """DeepSpeed's CPU Adam, or None (with a warning) where its op cannot be built."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    from wprctl.console import console
+    from wprctl.console import console, err_console
 
     if not _cpu_adam_built():  # else a minute or two without a word
         console.print("[dim]compiling DeepSpeed's CPU Adam for the offloaded optimizer (once)[/]")
@@ -267,12 +272,13 @@ def _cpu_adam(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
         return DeepSpeedCPUAdam(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, adamw_mode=True)
     except Exception as exc:  # the op's compiler, headers or ninja are missing: any error type
         last = (str(exc).strip().splitlines() or [""])[-1]
-        raise UserError(
-            "optimizer offload (deepspeed.offload_optimizer, ppo.actor_offload, ppo.critic_offload)"
-            f" needs DeepSpeed's CPU Adam, which could not be built here ({type(exc).__name__}:"
-            f" {last}); `ds_report` shows what is missing. Turn the offload off, or install a C++"
-            " compiler and ninja."
-        ) from exc
+        err_console.print(
+            f"[yellow]warning:[/] DeepSpeed's CPU Adam could not be built here ({last}); the"
+            " offloaded optimizer runs PyTorch's AdamW, which is slower on a large model."
+            " `ds_report` shows what is missing (a C++ compiler, ninja).",
+            soft_wrap=True,
+        )
+        return None
 
 
 def _cpu_adam_built() -> bool:

@@ -29,9 +29,22 @@ def main() -> None:
     p.add_argument("--save-at", type=int, default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--offload", action="store_true", help="ZeRO-Offload: optimizer (and params)")
+    p.add_argument(
+        "--no-cpu-adam",
+        action="store_true",
+        help="DeepSpeed's CPU Adam op fails to load, as where it cannot be built (no compiler on "
+        "a GPU machine; on a CPU one DeepSpeed then already fails building its shared-memory op)",
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
+    if args.no_cpu_adam:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        def fail(self: object, verbose: bool = True) -> None:
+            raise RuntimeError("Unable to JIT load the cpu_adam op: no C++ compiler")
+
+        CPUAdamBuilder.load = fail  # type: ignore[method-assign]
     eng.init_distributed()
     eng.seed_everything(0)
     world, rank = eng.world_size(), eng.rank()
