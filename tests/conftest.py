@@ -34,7 +34,7 @@ _SHARED_FIXTURE_GROUPS = {
     "test_stages_sft_rm.py": "demo_project",
     "test_stages_ppo.py": "demo_project",
 }
-_LONGEST_FIRST = [  # measured: 850, 260, 145, 70 and 65 s; the OT solvers' first compile ~50 s
+_LONGEST_FIRST = [  # measured: 720, 290, 250, 65 and 65 s; the OT solvers' first compile ~50 s
     "demo_project",
     "test_pipeline.py",
     "test_engine.py",
