@@ -92,30 +92,29 @@ def test_save_load_continue_equals_never_stopping(tiny_model_dir: Path, tmp_path
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
 
 
-@pytest.mark.parametrize("zero", [2, 3])
-def test_offload_trains_like_no_offload(tiny_model_dir: Path, tmp_path: Path, zero: int) -> None:
-    """ZeRO-Offload (the parameters too under ZeRO-3) is the same AdamW: the losses match the run
-    without offload, with DeepSpeed's CPU Adam and, where its op cannot be built, with PyTorch's
-    (said once); and a resumed offloaded run continues exactly."""
-    args = ["--model", str(tiny_model_dir), "--zero", str(zero), "--steps", "4"]
+def test_offload_trains_like_no_offload(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """ZeRO-Offload of the optimizer and the parameters (ZeRO-3) is the same AdamW: the losses
+    match the run without offload, with DeepSpeed's CPU Adam and, where its op cannot be built,
+    with PyTorch's (said once); and a resumed offloaded run continues exactly. (ZeRO-2 with offload
+    runs in the hh-rlhf pipeline's test.)"""
+    args = ["--model", str(tiny_model_dir), "--zero", "3", "--steps", "4"]
     _run([*args, "--out", str(tmp_path / "plain.json")])
     plain = _losses(tmp_path / "plain.json")
+    assert plain["probe"] < plain["losses"][0]  # it trains
     fallback = "the offloaded optimizer runs PyTorch's AdamW"
-    for how in ["cpu_adam", "no cpu_adam"] if zero == 2 else ["cpu_adam"]:
+    for how in ["cpu_adam", "no cpu_adam"]:
         out = tmp_path / f"{how}.json"
         flag = ["--no-cpu-adam"] if how == "no cpu_adam" else []
         said = " ".join(_run([*args, "--offload", *flag, "--out", str(out)]).stderr.split())
         assert said.count(fallback) == (how == "no cpu_adam"), said[-2000:]
         assert _losses(out)["losses"] == pytest.approx(plain["losses"], abs=MULTIPROC_TOL)
         assert _losses(out)["probe"] == pytest.approx(plain["probe"], abs=MULTIPROC_TOL)
-    assert plain["probe"] < plain["losses"][0]  # it trained
-    if zero == 3:
-        offloaded = _losses(tmp_path / "cpu_adam.json")
-        ckpt, out = tmp_path / "ckpt", tmp_path / "resumed.json"
-        _run([*args, "--offload", "--ckpt", str(ckpt), "--save-at", "2", "--out", str(out)])
-        _run([*args, "--offload", "--ckpt", str(ckpt), "--resume", "--out", str(out)])
-        assert _losses(out)["losses"] == pytest.approx(offloaded["losses"][2:], abs=1e-6)
-        assert _losses(out)["probe"] == pytest.approx(offloaded["probe"], abs=1e-6)
+    offloaded = _losses(tmp_path / "cpu_adam.json")
+    ckpt, out = tmp_path / "ckpt", tmp_path / "resumed.json"
+    _run([*args, "--offload", "--ckpt", str(ckpt), "--save-at", "2", "--out", str(out)])
+    _run([*args, "--offload", "--ckpt", str(ckpt), "--resume", "--out", str(out)])
+    assert _losses(out)["losses"] == pytest.approx(offloaded["losses"][2:], abs=1e-6)
+    assert _losses(out)["probe"] == pytest.approx(offloaded["probe"], abs=1e-6)
 
 
 def test_deepspeed_is_told_cpu_only_where_it_has_no_accelerator_to_find(

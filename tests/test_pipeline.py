@@ -195,6 +195,8 @@ def test_paper_pipelines_run_offline_on_local_data(
         "--set", "rm.max_steps=2", "--set", "rm.batch_size=1",
         "--set", "ppo.max_steps=1", "--set", "ppo.batch_size=1", "--set", "ppo.max_answer_len=8",
         "--set", "ppo.eval_prompts=1", "--set", "ppo.regularizer.wpr.k1=16",
+        # the actor (ZeRO-2) offloaded too, in one of them: ZeRO-2's own offload code
+        *(["--set", "ppo.actor_offload=true"] if pipeline == "hh-rlhf" else []),
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     stages = tomllib.loads(manifest.read_text())["stages"]
@@ -203,6 +205,8 @@ def test_paper_pipelines_run_offline_on_local_data(
         assert state["status"] == "finished", (name, state)
     ppo = json.loads((tmp_path / "runs" / "ppo-wpr" / "config.json").read_text())["manifest"]
     assert ppo["ppo"]["critic_zero_stage"] == 3 and ppo["ppo"]["critic_offload"] is True
+    assert ppo["ppo"]["actor_zero_stage"] == 2
+    assert ppo["ppo"]["actor_offload"] is (pipeline == "hh-rlhf")
     assert (
         json.loads((tmp_path / "runs" / "ppo-wpr" / "state.json").read_text())["metrics"]["steps"]
         == 1.0
