@@ -21,7 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # thread each. (Run before the worker imports torch: conftest is read when its config is made.)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+    from wprctl.launch import rank_threads  # the ranks' share of the cores, the same split
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(rank_threads(_WORKERS)))
 
 
 # The suite runs on two pytest-xdist workers (`-n 2` in pyproject's addopts): much of its time is

@@ -218,6 +218,9 @@ def ds_config(spec: EngineSpec, *, train: bool = True) -> dict[str, Any]:
         "train_batch_size": spec.micro_batch * spec.grad_accum * world_size(),
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        # (read under optimizer offload only) make_optimizer gives DeepSpeed's CPU Adam where it
+        # can be built, PyTorch's AdamW where not, which DeepSpeed would refuse
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
         "bf16": {"enabled": spec.dtype == torch.bfloat16},
@@ -225,10 +228,6 @@ def ds_config(spec: EngineSpec, *, train: bool = True) -> dict[str, Any]:
     }
     if train and spec.grad_clip > 0:
         cfg["gradient_clipping"] = spec.grad_clip
-    if spec.optimizer_offloaded and train:
-        # make_optimizer gives DeepSpeed's CPU Adam where it can be built, PyTorch's AdamW where
-        # not; DeepSpeed would refuse the latter
-        cfg["zero_force_ds_cpu_optimizer"] = False
     return cfg
 
 
